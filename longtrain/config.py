@@ -1,0 +1,127 @@
+"""The run schema: typed dataclasses registered in Hydra's ConfigStore.
+
+YAML under `configs/` only selects and overrides these; an unknown key anywhere is an error
+(the schema is a structured config). Each field is documented beside it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"  # label only; the shape fields below define the model
+    vocab_size: int = 0  # 0: take it from the tokenizer of the token store
+    dim: int = 128  # model (hidden) width
+    n_layers: int = 4  # transformer blocks
+    n_heads: int = 4  # query heads
+    n_kv_heads: int = 2  # key/value heads (grouped-query attention); divides n_heads
+    head_dim: int = 0  # 0: dim // n_heads
+    ffn_dim: int = 352  # SwiGLU hidden width
+    rope_theta: float = 10000.0  # RoPE base; positions restart at every document
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    tie_embeddings: bool = False  # share the input embedding with the output projection
+    init_std: float = 0.02  # normal init of weights; output projections scaled by depth
+    dtype: str = "float32"  # float32 | bfloat16 (autocast, fp32 master weights) | float64 (CPU)
+    attn_backend: str = "auto"  # attention backend: auto | torch | triton | flash_attn
+    kernel_backend: str = "auto"  # RoPE / RMSNorm / loss kernels: auto | torch | triton
+    path: str = ""  # Hugging Face model directory (model=hf only)
+
+
+@dataclass
+class DataConfig:
+    source: str = "stdlib"  # stdlib | dir:PATH | jsonl:PATH (each file / line one document)
+    store_dir: str = "data_cache/stdlib-byte"  # token store location (built if missing)
+    tokenizer: str = "byte"  # byte | path to a local Hugging Face tokenizer directory
+    limit_docs: int = 0  # 0: all documents; else the first N (deterministic order)
+    seq_len: int = 512  # tokens per packed sequence
+    packing: str = "best_fit"  # concat_chunk | best_fit
+    shuffle: bool = True  # shuffle sequences each epoch (seeded by train.seed)
+
+
+@dataclass
+class ParallelConfig:
+    method: str = "none"  # none | ulysses | ring | usp
+    ulysses: int = 1  # Ulysses (all-to-all over heads) degree; 0: all ranks not used by ring
+    ring: int = 1  # Ring attention degree; 0: all ranks not used by ulysses
+    ring_impl: str = "zigzag"  # zigzag (P2P ring, causal balance) | allgather (many short docs)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 3e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 10  # linear warmup from 0
+    schedule: str = "cosine"  # cosine | constant
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # applied to matrices only, not norms or biases
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100  # optimizer steps
+    seed: int = 0  # one seed for init, data order and every RNG
+    global_batch: int = 8  # sequences per optimizer step, summed over data-parallel ranks
+    micro_batch: int = 0  # sequences per forward on each rank; 0: all of them (no accumulation)
+    ckpt_every: int = 0  # save a checkpoint every N steps (0: only at the end if ckpt_final)
+    ckpt_final: bool = True  # save a checkpoint after the last step
+    keep_last: int = 2  # complete checkpoints to keep
+    resume: str = "none"  # none | auto (newest complete checkpoint in the run dir) | PATH
+    deterministic: bool = False  # torch.use_deterministic_algorithms
+    engine: str = "fsdp2"  # fsdp2 (used when world size > 1) | none
+    log_every: int = 1  # console/wandb cadence (metrics.jsonl gets every step)
+    peak_tflops: float = 0.0  # per-device peak for MFU; 0: known GPUs only, else no MFU
+    dist_timeout_s: int = 600  # collective timeout
+    compile: bool = False  # torch.compile each block
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # disabled | offline | online
+    project: str = "longtrain"
+    entity: str = ""  # empty: wandb's default
+    group: str = ""  # empty: the experiment name
+    name: str = ""  # empty: the run directory's name
+
+
+@dataclass
+class LoggingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    progress: bool = True  # tqdm progress line on rank 0
+    plot: bool = True  # write metrics.png at the end
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    experiment: str = "default"  # name used for grouping runs (wandb group, run labels)
+
+
+def register_configs() -> None:
+    """Register the schema so that YAML files are validated against it."""
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+
+
+__all__ = [
+    "DataConfig",
+    "LoggingConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "ParallelConfig",
+    "RunConfig",
+    "TrainConfig",
+    "WandbConfig",
+    "register_configs",
+]

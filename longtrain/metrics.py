@@ -1,0 +1,106 @@
+"""Per-step metrics: metrics.jsonl (every step), a tqdm line and wandb (rank 0 only)."""
+
+from __future__ import annotations
+
+import json
+import resource
+import zlib
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from longtrain.config import LoggingConfig
+from longtrain.plot import plot_metrics, read_metrics
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this process: allocator peak on CUDA, peak resident set size on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+class MetricsLogger:
+    """Writes one JSON object per optimizer step. Inert on ranks other than 0."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        cfg: LoggingConfig,
+        is_main: bool,
+        total_steps: int,
+        start_step: int,
+        run_config: dict,
+        experiment: str,
+    ) -> None:
+        self.is_main = is_main
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / "metrics.jsonl"
+        self.png_path = self.run_dir / "metrics.png"
+        self.wandb_run = None
+        self.bar = None
+        if not is_main:
+            return
+        self._truncate_after(start_step)
+        self.file = open(self.path, "a")  # noqa: SIM115  (open for the whole run; closed in close())
+        if cfg.progress:
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+        if cfg.wandb.mode != "disabled":
+            self.wandb_run = _init_wandb(self.run_dir, cfg, run_config, experiment)
+
+    def _truncate_after(self, start_step: int) -> None:
+        """Drop records of steps a resumed run will redo (logged after the last checkpoint)."""
+        if not self.path.exists():
+            return
+        kept = [r for r in read_metrics(self.path) if r["step"] < start_step]
+        with open(self.path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+
+    def log(self, record: dict) -> None:
+        if not self.is_main:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(
+                loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False
+            )
+        if self.wandb_run is not None:
+            self.wandb_run.log(
+                {k: v for k, v in record.items() if isinstance(v, (int, float))},
+                step=record["step"],
+            )
+
+    def close(self) -> Path | None:
+        """Flush, finish wandb and draw the plot; returns the PNG path (rank 0)."""
+        if not self.is_main:
+            return None
+        self.file.close()
+        if self.bar is not None:
+            self.bar.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+        if self.cfg.plot and self.path.stat().st_size > 0:
+            return plot_metrics(self.path, self.png_path, title=self.run_dir.name)
+        return None
+
+
+def _init_wandb(run_dir: Path, cfg: LoggingConfig, run_config: dict, experiment: str):
+    import wandb
+
+    # A stable id derived from the run directory lets a resumed run continue the same run.
+    run_id = f"lt-{zlib.crc32(str(run_dir.resolve()).encode()):08x}"
+    return wandb.init(
+        project=cfg.wandb.project,
+        entity=cfg.wandb.entity or None,
+        group=cfg.wandb.group or experiment,
+        name=cfg.wandb.name or run_dir.name,
+        id=run_id,
+        resume="allow",
+        mode=cfg.wandb.mode,
+        dir=str(run_dir),
+        config=run_config,
+    )

@@ -1,0 +1,28 @@
+"""The decoder model and its FLOP accounting."""
+
+import torch
+
+from longtrain.config import ModelConfig
+from longtrain.model.flops import causal_pairs, param_count, train_flops
+from longtrain.model.llama import Transformer, validate_model_config
+
+__all__ = [
+    "Transformer",
+    "build_model",
+    "causal_pairs",
+    "param_count",
+    "train_flops",
+    "validate_model_config",
+]
+
+
+def build_model(cfg: ModelConfig, seed: int, device: torch.device | str = "cpu") -> Transformer:
+    """Build and deterministically initialise the model (weights identical on every rank).
+
+    Parameters stay float32 for bfloat16 runs (autocast does the casting); float64 runs
+    hold float64 parameters.
+    """
+    model = Transformer(cfg)
+    model.init_weights(seed)
+    param_dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
+    return model.to(device=device, dtype=param_dtype)

@@ -1,0 +1,166 @@
+"""A Llama-style decoder over flat packed batches.
+
+Legend: T tokens in the (micro-)batch on this rank, D model width, H query heads,
+K key/value heads, E head dim, F SwiGLU width, V vocabulary.
+
+The batch is flat: several packed sequences concatenated along T, documents delimited by
+the attention metadata. The model knows nothing of ranks: `attn_meta` is passed through to
+`kernels.attention.VarlenAttention`, which `parallel.apply` may swap for a sequence-parallel
+module that understands its own metadata. The loss is tiled (so [T, V] logits never exist);
+the forward computes it when given labels, so
+that sharded engines (FSDP) see the output projection used inside a forward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.attention import VarlenAttention
+from kernels.loss import linear_cross_entropy
+from kernels.norm import rms_norm
+from kernels.rope import apply_rope
+from longtrain.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, backend: str) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+        self.backend = backend
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x_TD, self.weight, self.eps, backend=self.backend)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with RoPE at per-token positions."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
+        self.head_dim = cfg.head_dim or cfg.dim // cfg.n_heads
+        self.rope_theta = cfg.rope_theta
+        self.kernel_backend = cfg.kernel_backend
+        self.wq = nn.Linear(cfg.dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=False)
+        self.core = VarlenAttention(backend=cfg.attn_backend)
+
+    def forward(self, x_TD: torch.Tensor, position_ids_T: torch.Tensor, attn_meta) -> torch.Tensor:
+        T = x_TD.shape[0]
+        q_THE = self.wq(x_TD).view(T, self.n_heads, self.head_dim)
+        k_TKE = self.wk(x_TD).view(T, self.n_kv_heads, self.head_dim)
+        v_TKE = self.wv(x_TD).view(T, self.n_kv_heads, self.head_dim)
+        q_THE = apply_rope(q_THE, position_ids_T, self.rope_theta, backend=self.kernel_backend)
+        k_TKE = apply_rope(k_TKE, position_ids_T, self.rope_theta, backend=self.kernel_backend)
+        out_THE = self.core(q_THE, k_TKE, v_TKE, attn_meta, causal=True)
+        return self.wo(out_THE.reshape(T, self.n_heads * self.head_dim))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, ffn_dim: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, ffn_dim, bias=False)  # gate
+        self.w3 = nn.Linear(dim, ffn_dim, bias=False)  # up
+        self.w2 = nn.Linear(ffn_dim, dim, bias=False)  # down
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x_TD)) * self.w3(x_TD))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.kernel_backend)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.kernel_backend)
+        self.mlp = SwiGLU(cfg.dim, cfg.ffn_dim)
+
+    def forward(self, x_TD: torch.Tensor, position_ids_T: torch.Tensor, attn_meta) -> torch.Tensor:
+        x_TD = x_TD + self.attn(self.attn_norm(x_TD), position_ids_T, attn_meta)
+        return x_TD + self.mlp(self.mlp_norm(x_TD))
+
+
+class Transformer(nn.Module):
+    """Embedding -> N blocks -> final norm. `forward` returns hidden states, not logits."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        validate_model_config(cfg)
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.kernel_backend)
+        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+
+    def output_weight(self) -> torch.Tensor:
+        """The [V, D] output projection (the embedding when tied)."""
+        return self.embed.weight if self.output is None else self.output.weight
+
+    def forward(
+        self,
+        tokens_T: torch.Tensor,
+        position_ids_T: torch.Tensor,
+        attn_meta,
+        labels_T: torch.Tensor | None = None,
+        loss_weights_T: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """tokens_T, position_ids_T: int64 [T].
+
+        Without labels: hidden states [T, D] after the final norm. With `labels_T` (int64 [T],
+        -100 = not trained) and optional `loss_weights_T` (float [T]): the weighted *sum* of
+        token cross-entropies (scalar), computed in tiles so [T, V] logits never exist. The
+        sum, not the mean: the trainer divides by the global count of trained tokens.
+        """
+        x_TD = self.embed(tokens_T)
+        for layer in self.layers:
+            x_TD = layer(x_TD, position_ids_T, attn_meta)
+        hidden_TD = self.norm(x_TD)
+        if labels_T is None:
+            return hidden_TD
+        return linear_cross_entropy(
+            hidden_TD,
+            self.output_weight(),
+            labels_T,
+            loss_weights_T,
+            backend=self.cfg.kernel_backend,
+        )
+
+    def logits(self, hidden_TD: torch.Tensor) -> torch.Tensor:
+        """Materialised logits [T, V] (tests and inference only; training uses the tiled loss)."""
+        return hidden_TD @ self.output_weight().t()
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """Deterministic init from `seed` alone, so every rank builds identical weights."""
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)  # residual projections, GPT-2 style
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                p.fill_(1.0)  # norm weights
+                continue
+            scale = out_std if name.endswith(("wo.weight", "w2.weight")) else std
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(scale))
+
+
+def validate_model_config(cfg: ModelConfig) -> None:
+    """Raise ValueError naming the offending field when the shapes do not fit together."""
+    if cfg.vocab_size <= 0:
+        raise ValueError(f"model.vocab_size must be positive, got {cfg.vocab_size}")
+    if cfg.n_heads % cfg.n_kv_heads:
+        raise ValueError(
+            f"model.n_heads ({cfg.n_heads}) must be a multiple of model.n_kv_heads "
+            f"({cfg.n_kv_heads})"
+        )
+    head_dim = cfg.head_dim or cfg.dim // cfg.n_heads
+    if not cfg.head_dim and cfg.dim % cfg.n_heads:
+        raise ValueError(f"model.dim ({cfg.dim}) must be divisible by n_heads ({cfg.n_heads})")
+    if head_dim % 2:
+        raise ValueError(f"head dim {head_dim} must be even for RoPE")

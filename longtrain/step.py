@@ -1,0 +1,158 @@
+"""One optimizer step: shard micro-batches for sequence parallelism, forward with the tiled
+loss, backward, clip, update. The loss is a sum over trained tokens divided by the global
+(dp x sp) weight of trained tokens, so any layout gives the loss of one process."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from kernels.attention import VarlenMeta
+from longtrain.data.batch import IGNORE_INDEX, PackedBatch
+from longtrain.distributed import all_reduce_sum
+from longtrain.model.flops import causal_pairs
+
+
+@dataclass
+class StepContext:
+    """What a step needs besides the model: groups, sharding and numerics."""
+
+    device: torch.device
+    dtype: str  # float32 | bfloat16 | float64
+    grad_clip: float
+    pad_id: int
+    dims: object | None = None  # parallel.ParallelDims when sequence parallel
+    parallel_cfg: object | None = None
+    dp_group: object | None = None  # process group over which batches differ
+    world_group: object | None = None  # process group over which local loss sums add up
+    sync_grads_manually: bool = False  # world > 1 without a sharded engine
+
+
+@dataclass
+class LocalBatch:
+    """This rank's part of a micro-batch, ready for the model. Tensors are [T_local]."""
+
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    position_ids: torch.Tensor
+    loss_weights: torch.Tensor
+    attn_meta: object
+    num_padding: int  # padding added by sharding (its tokens are never trained on)
+
+
+def shard_micro_batch(mb: PackedBatch, ctx: StepContext) -> LocalBatch:
+    """This rank's shard of `mb` (the whole of it without sequence parallelism)."""
+    dev = ctx.device
+    if ctx.dims is None or ctx.dims.sp_size == 1:
+        meta = VarlenMeta(
+            cu_seqlens_q=mb.cu_seqlens.to(dev),
+            cu_seqlens_k=mb.cu_seqlens.to(dev),
+            max_seqlen_q=mb.max_seqlen,
+            max_seqlen_k=mb.max_seqlen,
+        )
+        return LocalBatch(
+            tokens=mb.tokens.to(dev),
+            labels=mb.labels.to(dev),
+            position_ids=mb.position_ids.to(dev),
+            loss_weights=mb.loss_weights.to(dev),
+            attn_meta=meta,
+            num_padding=0,
+        )
+    import parallel
+
+    layout = parallel.shard_packed(mb.cu_seqlens, mb.num_tokens, ctx.dims, ctx.parallel_cfg)
+    return LocalBatch(
+        tokens=layout.take(mb.tokens, ctx.pad_id).to(dev),
+        labels=layout.take(mb.labels, IGNORE_INDEX).to(dev),
+        position_ids=layout.take(mb.position_ids, 0).to(dev),
+        loss_weights=layout.take(mb.loss_weights, 0.0).to(dev),
+        attn_meta=layout.attn_meta,
+        num_padding=int(layout.num_padding),
+    )
+
+
+def autocast_context(device: torch.device, dtype: str):
+    if dtype == "bfloat16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    micro_batches: list[PackedBatch],
+    ctx: StepContext,
+) -> dict:
+    """Run one optimizer step over this rank's micro-batches; returns global step metrics."""
+    t0 = time.perf_counter()
+    acc_dtype = torch.float64  # counts and loss sums: exact enough for any batch
+    # [trained weight, trained tokens, all tokens, padding tokens, documents, sequences,
+    #  attended (query, key) pairs]
+    counts = torch.tensor(
+        [
+            [
+                float(mb.loss_weights.sum()),
+                mb.num_trained(),
+                mb.num_tokens,
+                mb.num_padding,
+                mb.num_docs,
+                mb.num_sequences,
+                causal_pairs(mb.doc_lengths()),
+            ]
+            for mb in micro_batches
+        ],
+        dtype=acc_dtype,
+    ).sum(0)
+    all_reduce_sum(counts, ctx.dp_group)  # sp ranks share their sequences: reduce over dp only
+    global_weight = counts[0].item()
+    if global_weight <= 0:
+        raise RuntimeError("a step with no trained tokens: check seq_len and the data")
+
+    loss_sum = torch.zeros((), dtype=acc_dtype, device=ctx.device)
+    for mb in micro_batches:
+        local = shard_micro_batch(mb, ctx)
+        with autocast_context(ctx.device, ctx.dtype):
+            mb_loss = model(
+                local.tokens, local.position_ids, local.attn_meta, local.labels, local.loss_weights
+            )
+        (mb_loss / global_weight).backward()
+        loss_sum += mb_loss.detach().to(acc_dtype)
+
+    if ctx.sync_grads_manually:
+        for p in model.parameters():
+            if p.grad is not None:
+                all_reduce_sum(p.grad, ctx.world_group)
+    clip = ctx.grad_clip if ctx.grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=False)
+    if hasattr(grad_norm, "full_tensor"):
+        grad_norm = grad_norm.full_tensor()
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+    all_reduce_sum(loss_sum, ctx.world_group)  # every rank's tokens are disjoint
+    if ctx.device.type == "cuda":
+        torch.cuda.synchronize(ctx.device)
+    if dist.is_initialized():
+        dist.barrier()  # the step ends when every rank's update is done: honest step time
+    step_time = time.perf_counter() - t0
+    trained = int(counts[1].item())
+    return {
+        "loss": loss_sum.item() / global_weight,
+        "lr": lr,
+        "tokens": trained,
+        "tokens_per_s": trained / step_time,
+        "step_time_s": step_time,
+        "grad_norm": float(grad_norm),
+        "padding_frac": counts[3].item() / counts[2].item(),
+        "docs_per_seq": counts[4].item() / counts[5].item(),
+        "seqs": int(counts[5].item()),
+        "attended_pairs": int(counts[6].item()),
+    }

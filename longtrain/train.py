@@ -1,0 +1,132 @@
+"""`python -m longtrain.train [overrides]`, alone or under torchrun: the training entry point.
+
+Reads as the run goes: set up processes and the run directory, data, model (parallelised from
+outside), optimizer; resume if asked; then the loop: step, log, checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from longtrain.checkpoint import Checkpointer
+from longtrain.config import RunConfig, register_configs
+from longtrain.data.setup import build_loader, open_token_store
+from longtrain.distributed import barrier, init_distributed, shutdown
+from longtrain.metrics import MetricsLogger, peak_memory_bytes
+from longtrain.model import build_model, train_flops
+from longtrain.optim import build_optimizer, build_scheduler
+from longtrain.parallelize import build_parallel_dims, describe_layout, parallelize
+from longtrain.run_dir import agree_run_dir, save_resolved_config
+from longtrain.step import train_step
+from longtrain.validate import validate_run_config
+
+register_configs()
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def load_config(overrides: list[str] | None = None) -> RunConfig:
+    """The typed config that `python -m longtrain.train *overrides` would run with."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        dcfg = compose("config", overrides=list(overrides or []))
+    return OmegaConf.to_object(dcfg)
+
+
+def train(cfg: RunConfig, run_dir: Path) -> Path:
+    """Train as `cfg` says, writing into `run_dir`; returns the run directory used."""
+    env = init_distributed(cfg.train.dist_timeout_s)
+    try:
+        return _train(cfg, run_dir, env)
+    finally:
+        shutdown(env)
+
+
+def _train(cfg: RunConfig, run_dir: Path, env) -> Path:
+    validate_run_config(cfg, env.world_size)
+    torch.manual_seed(cfg.train.seed)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+    run_dir = agree_run_dir(run_dir, env)
+    store = open_token_store(cfg.data, env)
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = store.vocab_size
+    dims = build_parallel_dims(cfg, env)
+    if env.is_main:
+        save_resolved_config(cfg, run_dir)
+        print(describe_layout(cfg, env, dims), flush=True)
+
+    model = build_model(cfg.model, seed=cfg.train.seed, device=env.device)
+    model, step_ctx = parallelize(model, dims, cfg, env, pad_id=store.pad_id)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+    loader = build_loader(store, cfg, dims, env)
+
+    ckpt = Checkpointer(run_dir, env, cfg.train.keep_last)
+    start_step = 0
+    resume_from = ckpt.resolve(cfg.train.resume)
+    if resume_from is not None:
+        start_step = ckpt.load(resume_from, model, optimizer, scheduler, loader)
+        if env.is_main:
+            print(f"resumed from {resume_from} at step {start_step}", flush=True)
+
+    logger = MetricsLogger(
+        run_dir,
+        cfg.logging,
+        env.is_main,
+        cfg.train.steps,
+        start_step,
+        OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True),
+        cfg.experiment,
+    )
+    model.train()
+    batches = iter(loader)
+    for step in range(start_step, cfg.train.steps):
+        step_batches = next(batches)
+        assert step_batches.step == step, "loader and loop disagree on the step"
+        record = train_step(model, optimizer, scheduler, step_batches.micro_batches, step_ctx)
+        record = _finish_record(record, step, cfg, env)
+        logger.log(record)
+        done = step + 1
+        if (cfg.train.ckpt_every and done % cfg.train.ckpt_every == 0) or (
+            cfg.train.ckpt_final and done == cfg.train.steps
+        ):
+            ckpt.save(done, model, optimizer, scheduler, loader)
+    barrier(env)
+    plot = logger.close()
+    if env.is_main:
+        print(f"run directory: {run_dir}")
+        print(f"  metrics:     {run_dir / 'metrics.jsonl'}")
+        if plot is not None:
+            print(f"  plot:        {plot}")
+        print(f"  checkpoints: {ckpt.root}", flush=True)
+    return run_dir
+
+
+def _finish_record(record: dict, step: int, cfg: RunConfig, env) -> dict:
+    flops = train_flops(cfg.model, record["tokens"], record.pop("attended_pairs"))
+    peak = cfg.train.peak_tflops * 1e12 * env.world_size
+    return {
+        "step": step,
+        **record,
+        "seq_len": cfg.data.seq_len,
+        "mem_peak_bytes": peak_memory_bytes(env.device),
+        "tflops": flops / record["step_time_s"] / 1e12,
+        "mfu": flops / record["step_time_s"] / peak if peak > 0 else None,
+        "time": time.time(),
+    }
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="config")
+def main(dcfg: DictConfig) -> None:
+    cfg: RunConfig = OmegaConf.to_object(dcfg)
+    train(cfg, Path(HydraConfig.get().runtime.output_dir))
+
+
+if __name__ == "__main__":
+    main()
