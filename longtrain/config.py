@@ -64,6 +64,23 @@ class OptimConfig:
 
 
 @dataclass
+class MemoryConfig:
+    mlp_tiles: int = 1  # run each MLP over this many sequence tiles (1: off; 0: from budget)
+    mlp_tile_budget_mib: int = 256  # with mlp_tiles=0: largest MLP intermediate per tile
+    loss_tile_tokens: int = 4096  # tokens per tile of the linear + cross-entropy
+    activation_checkpoint: str = "none"  # none | full (per block) | selective (keep attention)
+    offload_activations: bool = False  # checkpointed block inputs wait in (pinned) CPU memory
+    cpu_offload: bool = False  # fsdp2: parameters, gradients and optimizer state on CPU
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 3  # ZeRO stage 1 | 2 | 3
+    offload_optimizer: bool = False  # optimizer state and step on CPU
+    offload_params: bool = False  # ZeRO-3 parameters on CPU
+
+
+@dataclass
 class TrainConfig:
     steps: int = 100  # optimizer steps
     seed: int = 0  # one seed for init, data order and every RNG
@@ -74,7 +91,9 @@ class TrainConfig:
     keep_last: int = 2  # complete checkpoints to keep
     resume: str = "none"  # none | auto (newest complete checkpoint in the run dir) | PATH
     deterministic: bool = False  # torch.use_deterministic_algorithms
-    engine: str = "fsdp2"  # fsdp2 (used when world size > 1) | none
+    engine: str = "fsdp2"  # fsdp2 (when world size > 1) | deepspeed | none (replicas)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     log_every: int = 1  # console/wandb cadence (metrics.jsonl gets every step)
     peak_tflops: float = 0.0  # per-device peak for MFU; 0: known GPUs only, else no MFU
     dist_timeout_s: int = 600  # collective timeout
@@ -116,7 +135,9 @@ def register_configs() -> None:
 
 __all__ = [
     "DataConfig",
+    "DeepSpeedConfig",
     "LoggingConfig",
+    "MemoryConfig",
     "ModelConfig",
     "OptimConfig",
     "ParallelConfig",
