@@ -1,0 +1,402 @@
+"""The `torch` attention backend: variable-length causal/full attention with LSE, no autograd.
+
+Legend: T query tokens (documents packed), S key tokens, H query heads, K key/value heads,
+G = H / K, D head dim, B documents, N documents batched into one call, L one document's length.
+
+Two paths, one contract (see docs/INTERFACES.md):
+- CPU tensors: the CPU flash-attention op (aten `_scaled_dot_product_flash_attention_for_cpu`
+  and its backward), called per document, with documents of equal shape batched into one call.
+  The op tiles internally (memory O(L x block), not O(L^2)), takes GQA natively and returns
+  dk/dv in the KV-head shape. It aligns causal masks top-left, so each document is cut into
+  pieces where alignment agrees: with Lq < Lk, the first Lk - Lq keys are seen by every query
+  (a full call) and the last Lq keys form a square causal block; the two partials merge by LSE.
+  With Lq > Lk the first Lq - Lk queries see nothing (out 0, lse -inf) and the rest form a
+  square causal block. The backward of each piece takes the merged (out, lse), so the pieces'
+  dq add up and their dk/dv are disjoint.
+- Other devices (or on request): plain blockwise math with an online softmax over tiles of
+  `block_q` queries x `block_k` keys, all heads batched, GQA by viewing the G query heads of a
+  KV head as extra rows (KV is never repeated). Each query sees one contiguous key interval
+  [klo, khi) (its document, cut causally), which is the whole mask.
+
+float32 and bfloat16/float16 inputs accumulate in float32 and return lse in float32; float64
+runs in float64 throughout. Outputs are allocated NaN-filled and every row is written, so a
+missed row shows up in tests.
+"""
+
+import math
+
+import torch
+
+from kernels.attention.merge import merge_attn_partials
+
+_CPU_FLASH_FWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_CPU_FLASH_BWD = getattr(
+    torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None
+)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _scale(q: torch.Tensor, softmax_scale: float | None) -> float:
+    return 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+
+
+def _use_cpu_flash(q: torch.Tensor) -> bool:
+    return q.device.type == "cpu" and _CPU_FLASH_FWD is not None and _CPU_FLASH_BWD is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU path: per-document calls of the CPU flash op
+# ----------------------------------------------------------------------------------------------
+
+
+class _Plan:
+    """How the documents map onto calls of the CPU op (pure integer bookkeeping).
+
+    no_key_q: query ranges that see no key; unseen_k: key ranges no query sees;
+    main[(Lq, Lk, causal)]: (q0, k0) starts of pieces whose result is written directly;
+    prefix[(Lq, Lk)]: (q0, k0) starts of full pieces merged into an existing main result.
+    """
+
+    def __init__(self, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, causal: bool):
+        bq, bk = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+        self.no_key_q: list[tuple[int, int]] = []
+        self.unseen_k: list[tuple[int, int]] = []
+        self.main: dict[tuple[int, int, bool], list[tuple[int, int]]] = {}
+        self.prefix: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for b in range(len(bq) - 1):
+            q0, k0, lq, lk = bq[b], bk[b], bq[b + 1] - bq[b], bk[b + 1] - bk[b]
+            if lq == 0:
+                if lk > 0:
+                    self.unseen_k.append((k0, k0 + lk))
+            elif lk == 0:
+                self.no_key_q.append((q0, q0 + lq))
+            elif not causal or lq == lk:
+                self.main.setdefault((lq, lk, causal), []).append((q0, k0))
+            elif lq > lk:  # the first lq - lk queries see no key; the rest are a causal square
+                self.no_key_q.append((q0, q0 + lq - lk))
+                self.main.setdefault((lk, lk, True), []).append((q0 + lq - lk, k0))
+            else:  # lq < lk: a causal square over the last lq keys, plus a full prefix
+                self.main.setdefault((lq, lq, True), []).append((q0, k0 + lk - lq))
+                self.prefix.setdefault((lq, lk - lq), []).append((q0, k0))
+
+
+def _rows(starts: list[int], length: int, device: torch.device) -> slice | torch.Tensor:
+    """Rows of N pieces of `length` starting at `starts`: a slice for one piece (views, no
+    copy), else an index tensor [N * L]."""
+    if len(starts) == 1:
+        return slice(starts[0], starts[0] + length)
+    start_N1 = torch.tensor(starts, device=device)[:, None]
+    return (start_N1 + torch.arange(length, device=device)[None, :]).reshape(-1)
+
+
+def _to_op(x_TXD: torch.Tensor, rows: slice | torch.Tensor, n: int) -> torch.Tensor:
+    """[T, X, D] rows of N pieces -> [N, X, L, D], the op's layout."""
+    return x_TXD[rows].view(n, -1, *x_TXD.shape[1:]).transpose(1, 2)
+
+
+def _from_op(x_NXLD: torch.Tensor) -> torch.Tensor:
+    """[N, X, L, D] -> [N * L, X, D]."""
+    return x_NXLD.transpose(1, 2).reshape(-1, *x_NXLD.shape[1:2], x_NXLD.shape[-1])
+
+
+def _lse_to_op(lse_HT: torch.Tensor, rows: slice | torch.Tensor, n: int) -> torch.Tensor:
+    """[H, T] rows of N pieces -> [N, H, L]."""
+    return lse_HT[:, rows].view(lse_HT.shape[0], n, -1).transpose(0, 1)
+
+
+def _lse_from_op(lse_NHL: torch.Tensor) -> torch.Tensor:
+    """[N, H, L] -> [H, N * L]."""
+    return lse_NHL.transpose(0, 1).reshape(lse_NHL.shape[1], -1)
+
+
+def _cpu_flash_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale):
+    plan = _Plan(cu_seqlens_q, cu_seqlens_k, causal)
+    H, T = q.shape[1], q.shape[0]
+    out_THD = torch.full_like(q, float("nan"))
+    lse_HT = q.new_full((H, T), float("nan"), dtype=_compute_dtype(q.dtype))
+    for q0, q1 in plan.no_key_q:
+        out_THD[q0:q1] = 0
+        lse_HT[:, q0:q1] = float("-inf")
+    for (lq, lk, piece_causal), starts in plan.main.items():
+        q_starts, k_starts = zip(*starts)
+        rq, rk, n = _rows(q_starts, lq, q.device), _rows(k_starts, lk, q.device), len(starts)
+        o_NHLD, lse_NHL = _CPU_FLASH_FWD(
+            _to_op(q, rq, n), _to_op(k, rk, n), _to_op(v, rk, n), 0.0, piece_causal, scale=scale
+        )
+        out_THD[rq] = _from_op(o_NHLD)
+        lse_HT[:, rq] = _lse_from_op(lse_NHL)
+    for (lq, lk), starts in plan.prefix.items():
+        q_starts, k_starts = zip(*starts)
+        rq, rk, n = _rows(q_starts, lq, q.device), _rows(k_starts, lk, q.device), len(starts)
+        o_NHLD, lse_NHL = _CPU_FLASH_FWD(
+            _to_op(q, rq, n), _to_op(k, rk, n), _to_op(v, rk, n), 0.0, False, scale=scale
+        )
+        out_THD[rq], lse_HT[:, rq] = merge_attn_partials(
+            out_THD[rq], lse_HT[:, rq], _from_op(o_NHLD), _lse_from_op(lse_NHL)
+        )
+    return out_THD, lse_HT
+
+
+def _cpu_flash_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal, scale):
+    plan = _Plan(cu_seqlens_q, cu_seqlens_k, causal)
+    dq_THD = torch.full_like(q, float("nan"))
+    dk_SKD, dv_SKD = torch.full_like(k, float("nan")), torch.full_like(v, float("nan"))
+    for q0, q1 in plan.no_key_q:
+        dq_THD[q0:q1] = 0
+    for k0, k1 in plan.unseen_k:
+        dk_SKD[k0:k1] = 0
+        dv_SKD[k0:k1] = 0
+    lse = lse.to(_compute_dtype(q.dtype))
+    pieces = [(key, starts, False) for key, starts in plan.main.items()]
+    pieces += [((lq, lk, False), starts, True) for (lq, lk), starts in plan.prefix.items()]
+    for (lq, lk, piece_causal), starts, is_prefix in pieces:
+        q_starts, k_starts = zip(*starts)
+        rq, rk, n = _rows(q_starts, lq, q.device), _rows(k_starts, lk, q.device), len(starts)
+        dq_NHLD, dk_NKLD, dv_NKLD = _CPU_FLASH_BWD(
+            _to_op(dout, rq, n),
+            _to_op(q, rq, n),
+            _to_op(k, rk, n),
+            _to_op(v, rk, n),
+            _to_op(out, rq, n),
+            _lse_to_op(lse, rq, n),
+            0.0,
+            piece_causal,
+            scale=scale,
+        )
+        if is_prefix:  # the main piece already wrote these rows of dq: add in fp32/fp64
+            dq_sum = dq_THD[rq].to(lse.dtype) + _from_op(dq_NHLD).to(lse.dtype)
+            dq_THD[rq] = dq_sum.to(q.dtype)
+        else:
+            dq_THD[rq] = _from_op(dq_NHLD)
+        dk_SKD[rk] = _from_op(dk_NKLD)
+        dv_SKD[rk] = _from_op(dv_NKLD)
+    return dq_THD, dk_SKD, dv_SKD
+
+
+# ----------------------------------------------------------------------------------------------
+# Blockwise path: online softmax over (block_q x block_k) tiles, any device
+# ----------------------------------------------------------------------------------------------
+
+
+def _key_intervals(cu_seqlens_q, cu_seqlens_k, causal, T, device):
+    """Each query's visible keys as [klo_T, khi_T) (int64 [T]); empty when khi <= klo."""
+    cu_q, cu_k = cu_seqlens_q.to(device, torch.int64), cu_seqlens_k.to(device, torch.int64)
+    len_q_B, len_k_B = cu_q[1:] - cu_q[:-1], cu_k[1:] - cu_k[:-1]
+    doc_T = torch.repeat_interleave(torch.arange(len_q_B.numel(), device=device), len_q_B)
+    klo_T = cu_k[:-1][doc_T]
+    if causal:  # query i of Lq sees keys j <= i + (Lk - Lq) of its document
+        pos_T = torch.arange(T, device=device) - cu_q[:-1][doc_T]
+        seen_T = torch.minimum(
+            (pos_T + len_k_B[doc_T] - len_q_B[doc_T] + 1).clamp(min=0), len_k_B[doc_T]
+        )
+    else:
+        seen_T = len_k_B[doc_T]
+    return klo_T, klo_T + seen_T
+
+
+def _block_key_ranges(klo_T, khi_T, block_q, S):
+    """Per query block, the key range [lo, hi) covering all its queries; one host sync."""
+    T = klo_T.numel()
+    nb = -(-T // block_q)
+    pad = nb * block_q - T
+    lo_nb = torch.cat([klo_T, klo_T.new_full((pad,), S)]).view(nb, block_q).amin(dim=1)
+    hi_nb = torch.cat([khi_T, khi_T.new_zeros(pad)]).view(nb, block_q).amax(dim=1)
+    return torch.stack([lo_nb, hi_nb], dim=1).tolist()
+
+
+def _heads_as_rows(x_LHD: torch.Tensor, K: int, cd: torch.dtype) -> torch.Tensor:
+    """[L, H, D] -> [K, G * L, D] (query head h = kv_head * G + g), in compute dtype `cd`."""
+    L, H, D = x_LHD.shape
+    return x_LHD.to(cd).view(L, K, H // K, D).permute(1, 2, 0, 3).reshape(K, -1, D)
+
+
+def _rows_as_heads(x_KRD: torch.Tensor, L: int) -> torch.Tensor:
+    """[K, G * L, D] -> [L, H, D]."""
+    K, R, D = x_KRD.shape
+    return x_KRD.view(K, R // L, L, D).permute(2, 0, 1, 3).reshape(L, -1, D)
+
+
+def _masked_scores(q_KRD, k_SKD, klo_T, khi_T, q0, q1, k0, k1, scale):
+    """Scaled scores [K, G * bq, bk] of queries q0:q1 vs keys k0:k1, -inf where not visible."""
+    K, R, _ = q_KRD.shape
+    s_KRC = torch.bmm(q_KRD, k_SKD[k0:k1].to(q_KRD.dtype).permute(1, 2, 0)) * scale
+    j_1C = torch.arange(k0, k1, device=q_KRD.device)[None, :]
+    hidden_QC = (j_1C < klo_T[q0:q1, None]) | (j_1C >= khi_T[q0:q1, None])
+    return s_KRC.view(K, -1, q1 - q0, k1 - k0).masked_fill(hidden_QC, float("-inf")).view(K, R, -1)
+
+
+@torch.no_grad()
+def blockwise_attn_fwd(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    causal=True,
+    softmax_scale=None,
+    block_q: int = 128,
+    block_k: int = 512,
+):
+    """Blockwise forward; arguments as `torch_attn_fwd` plus tile sizes (queries, keys).
+
+    Memory: O(T * H * D) plus one [K, G * block_q, block_k] tile. Returns (out_THD, lse_HT).
+    """
+    T, H, D = q.shape
+    S, K, _ = k.shape
+    cd, scale = _compute_dtype(q.dtype), _scale(q, softmax_scale)
+    klo_T, khi_T = _key_intervals(cu_seqlens_q, cu_seqlens_k, causal, T, q.device)
+    out_THD = torch.full_like(q, float("nan"))
+    lse_HT = q.new_full((H, T), float("nan"), dtype=cd)
+    for b, (lo, hi) in enumerate(_block_key_ranges(klo_T, khi_T, block_q, S)):
+        q0, q1 = b * block_q, min(T, (b + 1) * block_q)
+        q_KRD = _heads_as_rows(q[q0:q1], K, cd)
+        m_KR = q_KRD.new_full(q_KRD.shape[:2], float("-inf"))
+        l_KR = torch.zeros_like(m_KR)
+        acc_KRD = torch.zeros_like(q_KRD)
+        for k0 in range(lo, hi, block_k):
+            k1 = min(hi, k0 + block_k)
+            s_KRC = _masked_scores(q_KRD, k, klo_T, khi_T, q0, q1, k0, k1, scale)
+            m_new_KR = torch.maximum(m_KR, s_KRC.amax(dim=-1))
+            # A row that has seen no key yet keeps max -inf; shift it by 0 so exp gives 0.
+            m_safe_KR = torch.where(torch.isfinite(m_new_KR), m_new_KR, 0.0)
+            p_KRC = torch.exp(s_KRC - m_safe_KR[..., None])
+            # Rescale what was summed so far; 0 (not inf * 0) while the old max is -inf.
+            alpha_KR = torch.exp(m_KR - m_safe_KR)
+            l_KR = l_KR * alpha_KR + p_KRC.sum(dim=-1)
+            acc_KRD = acc_KRD * alpha_KR[..., None] + torch.bmm(
+                p_KRC, v[k0:k1].to(cd).transpose(0, 1)
+            )
+            m_KR = m_new_KR
+        seen_KR = l_KR > 0
+        l_safe_KR = torch.where(seen_KR, l_KR, 1.0)
+        out_THD[q0:q1] = _rows_as_heads(acc_KRD / l_safe_KR[..., None], q1 - q0).to(q.dtype)
+        lse_KR = torch.where(seen_KR, m_KR + torch.log(l_safe_KR), float("-inf"))
+        lse_HT[:, q0:q1] = lse_KR.view(H, q1 - q0)
+    return out_THD, lse_HT
+
+
+@torch.no_grad()
+def blockwise_attn_bwd(
+    dout,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    causal=True,
+    softmax_scale=None,
+    block_q: int = 128,
+    block_k: int = 512,
+):
+    """Blockwise backward; arguments as `torch_attn_bwd` plus tile sizes.
+
+    Recomputes P = exp(S - lse) per tile; dS = P * (dP - rowsum(dout * out)).
+    Returns (dq_THD, dk_SKD, dv_SKD) in the input dtype.
+    """
+    T, H, D = q.shape
+    S, K, _ = k.shape
+    cd, scale = _compute_dtype(q.dtype), _scale(q, softmax_scale)
+    klo_T, khi_T = _key_intervals(cu_seqlens_q, cu_seqlens_k, causal, T, q.device)
+    dq_THD = torch.full_like(q, float("nan"))
+    dk_KSD = q.new_zeros((K, S, D), dtype=cd)  # accumulators: keys no query sees keep 0
+    dv_KSD = torch.zeros_like(dk_KSD)
+    lse_HT = lse.to(cd)
+    for b, (lo, hi) in enumerate(_block_key_ranges(klo_T, khi_T, block_q, S)):
+        q0, q1 = b * block_q, min(T, (b + 1) * block_q)
+        q_KRD, do_KRD = _heads_as_rows(q[q0:q1], K, cd), _heads_as_rows(dout[q0:q1], K, cd)
+        delta_KR = (do_KRD * _heads_as_rows(out[q0:q1], K, cd)).sum(dim=-1)
+        lse_KR = lse_HT[:, q0:q1].reshape(K, -1)
+        lse_safe_KR = torch.where(torch.isfinite(lse_KR), lse_KR, 0.0)
+        dq_KRD = torch.zeros_like(q_KRD)
+        for k0 in range(lo, hi, block_k):
+            k1 = min(hi, k0 + block_k)
+            k_KCD, v_KCD = k[k0:k1].to(cd).transpose(0, 1), v[k0:k1].to(cd).transpose(0, 1)
+            s_KRC = _masked_scores(q_KRD, k, klo_T, khi_T, q0, q1, k0, k1, scale)
+            p_KRC = torch.exp(s_KRC - lse_safe_KR[..., None])
+            dp_KRC = torch.bmm(do_KRD, v_KCD.transpose(1, 2))
+            ds_KRC = p_KRC * (dp_KRC - delta_KR[..., None])
+            dq_KRD += torch.bmm(ds_KRC, k_KCD)
+            dk_KSD[:, k0:k1] += torch.bmm(ds_KRC.transpose(1, 2), q_KRD)
+            dv_KSD[:, k0:k1] += torch.bmm(p_KRC.transpose(1, 2), do_KRD)
+        dq_THD[q0:q1] = _rows_as_heads(dq_KRD * scale, q1 - q0).to(q.dtype)
+    dk_SKD = (dk_KSD * scale).transpose(0, 1).to(k.dtype)
+    return dq_THD, dk_SKD, dv_KSD.transpose(0, 1).to(v.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# The backend's entry points
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def torch_attn_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Variable-length attention forward (no autograd); inputs are assumed validated.
+
+    Args: q [T, H, D], k / v [S, K, D] (H % K == 0), cu_seqlens_q / _k [B + 1] int,
+    max_seqlen_* (unused here: the document lengths are read from cu_seqlens), causal
+    (bottom-right aligned), softmax_scale (default 1 / sqrt(D)).
+    Returns (out_THD [T, H, D] in q's dtype, lse_HT [H, T] float32, float64 for float64).
+    """
+    if _use_cpu_flash(q):
+        return _cpu_flash_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, _scale(q, softmax_scale))
+    return blockwise_attn_fwd(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale
+    )
+
+
+@torch.no_grad()
+def torch_attn_bwd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Variable-length attention backward (no autograd), recomputed from the forward's result.
+
+    Args: dout / out [T, H, D], lse [H, T] (from the forward), the rest as `torch_attn_fwd`.
+    Returns (dq [T, H, D], dk [S, K, D], dv [S, K, D]) in the inputs' dtype.
+    """
+    scale = _scale(q, softmax_scale)
+    if _use_cpu_flash(q):
+        return _cpu_flash_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal, scale)
+    return blockwise_attn_bwd(
+        dout,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        causal,
+        softmax_scale,
+    )
