@@ -212,56 +212,24 @@ def attn_varlen_bwd(
 
 
 # ----------------------------------------------------------------------------------------------
-# Custom ops (so torch.compile treats the attention as one opaque call) and their autograd
+# Autograd: a plain autograd.Function in eager mode; under torch.compile the same functions run
+# as custom ops (opaque to the compiler, with fake impls). Eager skips the custom op, whose
+# first call imports torch._dynamo (~1 s per process) and whose dispatch costs per call.
 # ----------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("longtrain::attn_varlen_fwd", mutates_args=())
-def _fwd_op(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    causal: bool,
-    softmax_scale: float,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    fwd, _ = _backend_fns(backend)
-    return fwd(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale
-    )
+def _fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, be):
+    fwd, _ = _backend_fns(be)
+    return fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
 
 
-@_fwd_op.register_fake
-def _fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, be):
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=lse_dtype)
-
-
-@torch.library.custom_op("longtrain::attn_varlen_bwd", mutates_args=())
-def _bwd_op(
-    dout: torch.Tensor,
-    dlse: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    causal: bool,
-    softmax_scale: float,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _, bwd = _backend_fns(backend)
-    meta = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale)
+def _bwd_impl(dout, dlse, q, k, v, out, lse, *meta_and_backend):
+    """(dq, dk, dv) for upstream gradients dout [T, H, D] and dlse [H, T] (None: zero)."""
+    *meta, be = meta_and_backend
+    _, bwd = _backend_fns(be)
+    dout = torch.zeros_like(out) if dout is None else dout
     dq, dk, dv = bwd(dout, q, k, v, out, lse, *meta)
-    if bool(dlse.any()):
+    if dlse is not None and bool(dlse.any()):
         dq_lse, dk_lse = _lse_grad(bwd, dlse, q, k, v, lse, meta)
         dq = (dq.to(lse.dtype) + dq_lse.to(lse.dtype)).to(q.dtype)
         dk = (dk.to(lse.dtype) + dk_lse.to(lse.dtype)).to(k.dtype)
@@ -283,43 +251,91 @@ def _lse_grad(bwd, dlse_HT, q, k, v, lse_HT, meta):
     return dq, dk
 
 
-@_bwd_op.register_fake
-def _bwd_fake(dout, dlse, q, k, v, out, lse, *meta):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, be = inputs
+    q, k, v, cu_seqlens_q, cu_seqlens_k, *meta = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
-    ctx.meta = (max_seqlen_q, max_seqlen_k, causal, scale, be)
+    ctx.meta = meta  # max_seqlen_q, max_seqlen_k, causal, softmax_scale, backend
 
 
-def _backward(ctx, dout, dlse):
+def _grads(ctx, dout, dlse, bwd_fn):
+    if dout is None and dlse is None:  # neither output was used
+        return (None,) * 10
     q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-    max_seqlen_q, max_seqlen_k, causal, scale, be = ctx.meta
-    dout = torch.zeros_like(out) if dout is None else dout
-    dlse = torch.zeros_like(lse) if dlse is None else dlse
-    dq, dk, dv = _bwd_op(
-        dout,
-        dlse,
-        q,
-        k,
-        v,
-        out,
-        lse,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        max_seqlen_q,
-        max_seqlen_k,
-        causal,
-        scale,
-        be,
-    )
+    dq, dk, dv = bwd_fn(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.meta)
     return dq, dk, dv, None, None, None, None, None, None, None
 
 
-_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+class _AttnVarlenFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *inputs):
+        ctx.set_materialize_grads(False)  # an unused out or lse arrives as None: no work
+        output = _fwd_impl(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, dlse):
+        return _grads(ctx, dout, dlse, _bwd_impl)
+
+
+@torch.library.custom_op("longtrain::attn_varlen_fwd", mutates_args=())
+def _fwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool,
+    softmax_scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _fwd_impl(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
+        backend,
+    )  # fmt: skip
+
+
+@_fwd_op.register_fake
+def _fwd_fake(q, k, v, *_meta):
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=lse_dtype)
+
+
+@torch.library.custom_op("longtrain::attn_varlen_bwd", mutates_args=())
+def _bwd_op(
+    dout: torch.Tensor | None,
+    dlse: torch.Tensor | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool,
+    softmax_scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _bwd_impl(
+        dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        causal, softmax_scale, backend,
+    )  # fmt: skip
+
+
+@_bwd_op.register_fake
+def _bwd_fake(dout, dlse, q, k, v, *_rest):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+_fwd_op.register_autograd(
+    lambda ctx, dout, dlse: _grads(ctx, dout, dlse, _bwd_op), setup_context=_setup_context
+)
 
 
 def attn_varlen(
@@ -344,18 +360,13 @@ def attn_varlen(
     A query that sees no key gets out 0 and lse -inf. Raises ValueError on bad input.
     """
     _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    return _fwd_op(
-        q,
-        k,
-        v,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        int(max_seqlen_q),
-        int(max_seqlen_k),
-        bool(causal),
-        _softmax_scale(q, softmax_scale),
-        resolve_backend(backend, q.device),
-    )
+    args = (
+        q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), bool(causal),
+        _softmax_scale(q, softmax_scale), resolve_backend(backend, q.device),
+    )  # fmt: skip
+    if torch.compiler.is_compiling():
+        return _fwd_op(*args)
+    return _AttnVarlenFunction.apply(*args)
 
 
 @dataclass
