@@ -150,6 +150,8 @@ def variable_length_schedule(
             gaps = rng.standard_exponential(int(q[k])) / (odds[k] * q[k])
             times.append(np.cumsum(gaps))
             which.append(np.full(int(q[k]), k, dtype=np.int64))
+        if not times:  # fewer batches than cycles: the last cycles are empty
+            continue
         order = np.argsort(np.concatenate(times), kind="stable")
         steps.append(np.concatenate(which)[order])
     ks = np.concatenate(steps)

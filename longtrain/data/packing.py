@@ -219,8 +219,6 @@ class Packing:
         if miss.size:
             i = int(miss[0])
             raise ValueError(f"document {i}: {int(covered[i])} of {int(lens[i])} tokens held")
-        if c and np.any(s[np.r_[True, ~same]] != 0):
-            raise ValueError("a document's first chunk does not start at token 0")
         empty = int(np.count_nonzero(lens == 0))
         if self.num_skipped_docs != empty:
             raise ValueError(f"num_skipped_docs={self.num_skipped_docs}, expected {empty}")
