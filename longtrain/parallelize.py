@@ -101,7 +101,9 @@ def _apply_fsdp2(model: nn.Module, env: DistEnv, dtype: str) -> None:
     for module in model.modules():
         if isinstance(module, FSDPModule):
             # The loss is already divided by the global token count: sum, do not average.
+            # Plain SUM also keeps gloo working (it has no PREMUL_SUM).
             module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
 
 
 __all__ = ["build_parallel_dims", "describe_layout", "parallelize", "resolve_degrees"]
