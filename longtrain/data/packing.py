@@ -352,29 +352,40 @@ def _best_fit_decreasing(sizes: np.ndarray, S: int) -> tuple[np.ndarray, np.ndar
     change = np.flatnonzero(sizes[1:] != sizes[:-1]) + 1
     starts = np.concatenate((np.zeros(1, _I64), change))
     class_counts = np.diff(np.concatenate((starts, [sizes.size])))
-    plans, arrivals, num_bins = _plan_classes(sizes[starts], class_counts, S)
-    return _assign_bins(plans, class_counts, arrivals, num_bins)
+    plans, plan_items, arrivals, num_bins = _plan_classes(sizes[starts], class_counts, S)
+    return _assign_bins(plans, plan_items, arrivals, num_bins)
 
 
 def _plan_classes(
     class_sizes: np.ndarray, class_counts: np.ndarray, S: int
-) -> tuple[list[tuple[Any, ...]], np.ndarray, int]:
+) -> tuple[list[tuple[Any, ...]], list[int], np.ndarray, int]:
     """Plan every class's bulk moves on per-room bin counts.
 
     Returns:
-        plans: per class (gather_rooms, gather_bins, n_new, bins, items, dst): the class takes
+        plans: per step (gather_rooms, gather_bins, n_new, bins, items, dst): the step takes
             gather_bins[j] bins from the front of room gather_rooms[j]'s queue (ascending rooms),
             then opens n_new bins; in that order, move e covers the next bins[e] bins, each
             taking items[e] items and landing in room dst[e] (0: full).
+        plan_items: items placed by each step (a class, or all classes above S/2 at once).
         arrivals: [S] bins that ever join each room's queue.
         num_bins: bins opened in all.
     """
     cnt = np.zeros(S, _I64)  # open bins per room value (index 0 unused)
-    rooms_nz = np.zeros(0, _I64)  # sorted room values with cnt > 0
     arrivals = np.zeros(S, _I64)
-    plans: list[tuple[Any, ...]] = []
-    num_bins = 0
-    for s, c in zip(class_sizes.tolist(), class_counts.tolist()):
+    # Items above S/2 never share a sequence: every open room is then below S/2. One step
+    # opens a bin for each, in item order, landing in room S - s.
+    big = int(np.count_nonzero(2 * class_sizes > S))
+    b_sizes, b_counts = class_sizes[:big], class_counts[:big]
+    cnt[S - b_sizes] = b_counts
+    arrivals[S - b_sizes] = b_counts
+    rooms_nz = S - b_sizes  # sorted room values with cnt > 0 (sizes are descending)
+    num_bins = int(b_counts.sum())
+    plans: list[tuple[Any, ...]] = [
+        (rooms_nz[:0], rooms_nz[:0], num_bins, b_counts, np.ones(big, _I64), S - b_sizes)
+    ]
+    plan_items = [num_bins]
+    for s, c in zip(class_sizes[big:].tolist(), class_counts[big:].tolist()):
+        plan_items.append(c)
         i0 = int(rooms_nz.searchsorted(s))
         avail = rooms_nz.size - i0
         w = 32
@@ -458,17 +469,17 @@ def _plan_classes(
             merged[keep] = low
             low = merged
         rooms_nz = np.concatenate((low, high))
-    return plans, arrivals, num_bins
+    return plans, plan_items, arrivals, num_bins
 
 
 def _assign_bins(
     plans: list[tuple[Any, ...]],
-    class_counts: np.ndarray,
+    plan_items: list[int],
     arrivals: np.ndarray,
     num_bins: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Replay the planned moves with bin identities; see `_best_fit_decreasing` for outputs."""
-    m = int(class_counts.sum())
+    m = sum(plan_items)
     item_bin = np.empty(m, _I64)
     item_rank = np.empty(m, _I64)
     fill = np.zeros(num_bins, _I64)
@@ -479,7 +490,7 @@ def _assign_bins(
     tail = base[:-1].copy()
     next_bin = 0
     a = 0
-    for (g_rooms, g_bins, n_new, nb, k, dst), c in zip(plans, class_counts.tolist()):
+    for (g_rooms, g_bins, n_new, nb, k, dst), c in zip(plans, plan_items):
         ids = np.arange(next_bin, next_bin + n_new, dtype=_I64)
         next_bin += n_new
         if g_rooms.size:
