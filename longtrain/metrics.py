@@ -13,6 +13,17 @@ from tqdm import tqdm
 from longtrain.config import LoggingConfig
 from longtrain.plot import plot_metrics, read_metrics
 
+# Dense bf16 peak TFLOP/s per device, for MFU when train.peak_tflops is not given.
+KNOWN_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}
+
+
+def device_peak_tflops(device: torch.device, configured: float) -> float:
+    """`configured` if set, else the bf16 peak of a known GPU, else 0 (MFU not reported)."""
+    if configured > 0 or device.type != "cuda":
+        return configured
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in KNOWN_PEAK_TFLOPS.items() if k in name), 0.0)
+
 
 def peak_memory_bytes(device: torch.device) -> int:
     """Peak memory of this process: allocator peak on CUDA, peak resident set size on CPU."""

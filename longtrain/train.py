@@ -19,7 +19,7 @@ from longtrain.checkpoint import Checkpointer
 from longtrain.config import RunConfig, register_configs
 from longtrain.data.setup import build_loader, open_token_store
 from longtrain.distributed import barrier, init_distributed, shutdown
-from longtrain.metrics import MetricsLogger, peak_memory_bytes
+from longtrain.metrics import MetricsLogger, device_peak_tflops, peak_memory_bytes
 from longtrain.model import build_model, train_flops
 from longtrain.optim import build_optimizer, build_scheduler
 from longtrain.parallelize import build_parallel_dims, describe_layout, parallelize
@@ -110,7 +110,7 @@ def _train(cfg: RunConfig, run_dir: Path, env) -> Path:
 
 def _finish_record(record: dict, step: int, cfg: RunConfig, env) -> dict:
     flops = train_flops(cfg.model, record["tokens"], record.pop("attended_pairs"))
-    peak = cfg.train.peak_tflops * 1e12 * env.world_size
+    peak = device_peak_tflops(env.device, cfg.train.peak_tflops) * 1e12 * env.world_size
     return {
         "step": step,
         **record,

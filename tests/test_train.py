@@ -218,3 +218,20 @@ def test_world_size_not_dividing_batch_is_refused(tmp_path, corpus):
     )
     assert proc.returncode != 0
     assert "does not divide train.global_batch=3" in proc.stderr + proc.stdout
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path, corpus):
+    common = [
+        *SMALL,
+        *data_overrides(corpus, tmp_path / "store"),
+        "model.dtype=float64",
+        "train.steps=3",
+        "train.ckpt_final=false",
+        "logging.plot=false",
+    ]
+    whole = train(load_config(common), tmp_path / "whole")
+    accum = train(load_config([*common, "train.micro_batch=1"]), tmp_path / "accum")
+    # float64: four micro-batches only reassociate the sums of token losses and gradients.
+    assert [r["loss"] for r in read_metrics(accum)] == pytest.approx(
+        [r["loss"] for r in read_metrics(whole)], rel=1e-11
+    )

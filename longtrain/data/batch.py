@@ -74,7 +74,10 @@ def build_batch(
     cursor = 0
     for b in np.asarray(seq_ids, dtype=np.int64):
         seq_end = cursor + seq_len
-        for c in range(packing.seq_offsets[b], packing.seq_offsets[b + 1]):
+        first, last = packing.seq_offsets[b], packing.seq_offsets[b + 1]
+        if packing.lengths[first:last].sum() > seq_len:
+            raise ValueError(f"sequence {b} of the packing holds more than seq_len={seq_len}")
+        for c in range(first, last):
             doc, start, length = packing.doc_ids[c], packing.starts[c], packing.lengths[c]
             lo = offsets[doc] + start
             # One token more than the chunk when the document goes on: it is the last label.
@@ -86,8 +89,6 @@ def build_batch(
             seg_lengths.append(int(length))
             seg_is_pad.append(False)
             cursor += int(length)
-        if cursor > seq_end:
-            raise ValueError(f"sequence {b} of the packing holds more than seq_len={seq_len}")
         if cursor < seq_end:
             pos_T[cursor:seq_end] = np.arange(seq_end - cursor)
             seg_lengths.append(seq_end - cursor)
