@@ -277,8 +277,9 @@ def best_fit(doc_lengths: Any, seq_len: int) -> Packing:
     best-fit sequences in the order they opened. Chunks within a sequence are in placement
     order (longest first). The result is deterministic.
 
-    Cost: O(n + k * m) vectorised work for n documents, k distinct lengths (<= S) and
-    m <= min(S, B) distinct room values; memory linear in n.
+    Cost: vectorised numpy work linear in n (a radix sort when S <= 65536), plus one loop
+    step per distinct length <= S/2 of O(min(S, B)) numpy work; memory linear in n. On one
+    core: 10M lognormal lengths take ~2 s at S = 8192, ~5 s at S = 65536 or 2^20.
 
     Args:
         doc_lengths: [n] integer tokens per document (zero-length documents are skipped).
@@ -334,8 +335,10 @@ def best_fit(doc_lengths: Any, seq_len: int) -> Packing:
 # room r taking r // s items and landing in room r % s; the last touched room may be drained
 # only in part (q bins take r // s items, one more takes the m items left and lands in r - m*s);
 # if items remain, new bins open, each taking S // s items. Every destination is < s or a room
-# just drained, so the moves of a class never chain. `_plan_classes` computes these moves on
-# per-room counts; `_assign_bins` replays them with bin identities from per-room FIFO queues.
+# just drained, so the moves of a class never chain. Items above S/2 come first and each opens
+# a bin (every open room is below S/2 then): they all move in one step. `_plan_classes` computes
+# the moves on per-room counts; `_assign_bins` replays them with bin identities taken from the
+# per-room FIFO queues (sized by the plan, hence the two passes).
 # ---------------------------------------------------------------------------------------------
 
 

@@ -167,6 +167,14 @@ def test_concat_chunk_invariants(case: tuple[list[int], int]) -> None:
     assert flat == [(d, t) for d, n in enumerate(lens) for t in range(n)]
 
 
+def test_best_fit_class_spanning_many_rooms() -> None:
+    # 100 sequences with 100 distinct rooms (100..199), then classes of small items that need
+    # more than the first 32 rooms: the bulk step must widen its look-ahead and still place
+    # every item exactly as the one-at-a-time rule does.
+    lens = list(range(900, 800, -1)) + [7] * 300 + [2] * 3000 + [1] * 5000
+    assert sequences(best_fit(lens, 1000)) == brute_force_bfd(lens, 1000)
+
+
 def test_bench_reference_equals_best_fit() -> None:
     # The benchmark's pure-Python reference must pack exactly as best_fit, else its speed
     # comparison means nothing. Heavy-tailed lengths at a small seq_len exercise long docs.
