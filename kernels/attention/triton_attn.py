@@ -26,7 +26,6 @@ from kernels._triton_utils import (
     launch_meta,
 )
 from kernels.attention.triton_attn_kernels import (
-    LOG2E,
     attn_bwd_dkdv_kernel,
     attn_bwd_dq_kernel,
     attn_bwd_preprocess_kernel,
@@ -77,7 +76,7 @@ def _launch_fwd(
         q_THD, k_SKD, v_SKD, out_THD, lse_HT, cu_seqlens_q, cu_seqlens_k,
         q_THD.stride(0), q_THD.stride(1), k_SKD.stride(0), k_SKD.stride(1),
         v_SKD.stride(0), v_SKD.stride(1), out_THD.stride(0), out_THD.stride(1),
-        T, D, H // k_SKD.shape[1], softmax_scale * LOG2E,
+        T, D, H // k_SKD.shape[1], softmax_scale,
         CAUSAL=causal, BLOCK_D=_block_d(D), PRECISION=dot_precision(q_THD.dtype), **meta,
     )  # fmt: skip
 
@@ -128,7 +127,7 @@ def _launch_bwd(
         q_THD.stride(0), q_THD.stride(1), k_SKD.stride(0), k_SKD.stride(1),
         v_SKD.stride(0), v_SKD.stride(1), dout_THD.stride(0), dout_THD.stride(1),
         dk_SKD.stride(0), dk_SKD.stride(1), dv_SKD.stride(0), dv_SKD.stride(1),
-        T, D, H // K, softmax_scale * LOG2E, softmax_scale,
+        T, D, H // K, softmax_scale,
         CAUSAL=causal, BLOCK_D=block_d, PRECISION=precision, **meta,
     )  # fmt: skip
     meta = launch_meta(attn_bwd_dq_kernel, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
@@ -141,7 +140,7 @@ def _launch_bwd(
         q_THD.stride(0), q_THD.stride(1), k_SKD.stride(0), k_SKD.stride(1),
         v_SKD.stride(0), v_SKD.stride(1), dout_THD.stride(0), dout_THD.stride(1),
         dq_THD.stride(0), dq_THD.stride(1),
-        T, D, H // K, softmax_scale * LOG2E, softmax_scale,
+        T, D, H // K, softmax_scale,
         CAUSAL=causal, BLOCK_D=block_d, PRECISION=precision, **meta,
     )  # fmt: skip
 

@@ -10,9 +10,13 @@ aligned: query i sees key j iff j <= i + shift with shift = Lk - Lq. Key (query)
 no query (key) of the program's block can see are never visited; of those visited, only the
 ones straddling the diagonal compute the causal mask (`CAUSAL_MASK`).
 
-Scores are kept in base 2: s2 = (q . k) * softmax_scale * log2(e), so that exp2 replaces exp;
-the lse written out is in natural log. A row that sees no key keeps running max -inf and sum
-0, and is written as out 0, lse -inf; the backward turns lse -inf into +inf, so its p is 0.
+Scores stay in natural units, s = (q . k) * softmax_scale, and exponentials are exp(s - m):
+the subtraction comes before any rescaling (on GPUs tl.exp is exp2 of (s - m) * log2(e)).
+Keeping s in base 2 instead (s * log2(e) folded into the scale, as FA2 does) rounds lse at
+a larger magnitude twice, and the backward, which recomputes p from lse, amplifies lse's
+rounding into dk through rowsum(dout * out): measured against float64, that was ~3x the error
+of a float32 torch implementation in dk. A row that sees no key keeps running max -inf and
+sum 0, and is written as out 0, lse -inf; the backward turns lse -inf into +inf, so its p is 0.
 All accumulation is float32. Token offsets are widened to int64 before they meet a stride
 (T * H * D passes 2^31 at a million tokens).
 """
@@ -21,10 +25,6 @@ import triton
 import triton.language as tl
 
 from kernels._triton_utils import autotune_unless_interpreting
-
-LOG2E = 1.4426950408889634
-_LN2 = tl.constexpr(0.6931471805599453)
-_LOG2E = tl.constexpr(LOG2E)
 
 
 def _configs(block_m: list[int], block_n: list[int]) -> list[triton.Config]:
@@ -56,7 +56,7 @@ def _fwd_inner(
     d_mask,
     Lk,
     shift,
-    qk_scale2,
+    softmax_scale,
     BLOCK_N: tl.constexpr,
     CAUSAL_MASK: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -71,16 +71,16 @@ def _fwd_inner(
             mask=kv_mask,
             other=0.0,
         )
-        s2 = tl.dot(q, kT, input_precision=PRECISION) * qk_scale2
+        s = tl.dot(q, kT, input_precision=PRECISION) * softmax_scale
         valid = n_mask[None, :]
         if CAUSAL_MASK:
             valid = valid & (offs_n[None, :] <= offs_m[:, None] + shift)
-        s2 = tl.where(valid, s2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s2, 1))
-        # A row that has seen no key yet has max -inf: shift by 0 so exp2 gives 0, not NaN.
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen no key yet has max -inf: shift by 0 so exp gives 0, not NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s2 - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(
             v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :],
@@ -113,7 +113,7 @@ def attn_fwd_kernel(
     T_q,
     head_dim,
     group,
-    qk_scale2,
+    softmax_scale,
     CAUSAL: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -157,22 +157,22 @@ def attn_fwd_kernel(
         full_hi = tl.minimum(tl.maximum((m0 + shift + 1) // BLOCK_N * BLOCK_N, 0), hi)
         acc, m_i, l_i = _fwd_inner(
             acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, 0, full_hi,
-            offs_m, offs_d, d_mask, Lk, shift, qk_scale2, BLOCK_N, False, PRECISION,
+            offs_m, offs_d, d_mask, Lk, shift, softmax_scale, BLOCK_N, False, PRECISION,
         )  # fmt: skip
         acc, m_i, l_i = _fwd_inner(
             acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, full_hi, hi,
-            offs_m, offs_d, d_mask, Lk, shift, qk_scale2, BLOCK_N, True, PRECISION,
+            offs_m, offs_d, d_mask, Lk, shift, softmax_scale, BLOCK_N, True, PRECISION,
         )  # fmt: skip
     else:
         acc, m_i, l_i = _fwd_inner(
             acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, 0, Lk,
-            offs_m, offs_d, d_mask, Lk, shift, qk_scale2, BLOCK_N, False, PRECISION,
+            offs_m, offs_d, d_mask, Lk, shift, softmax_scale, BLOCK_N, False, PRECISION,
         )  # fmt: skip
 
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
     out = acc / l_safe[:, None]
-    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * _LN2, float("-inf"))
+    lse = tl.where(seen, m_i + tl.log(l_safe), float("-inf"))
     tl.store(
         o_ptr + rows * stride_ot + h * stride_oh + offs_d[None, :],
         out.to(o_ptr.dtype.element_ty),
@@ -221,11 +221,11 @@ def attn_bwd_preprocess_kernel(
 
 @triton.jit
 def _load_row_stats(lse_row_ptr, delta_row_ptr, offs_m, m_mask):
-    """lse in base 2 (+inf where the row saw no key, so that its p is 0) and delta."""
+    """lse (+inf where the row saw no key, so that its p is 0) and delta."""
     lse = tl.load(lse_row_ptr + offs_m, mask=m_mask, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
     delta = tl.load(delta_row_ptr + offs_m, mask=m_mask, other=0.0)
-    return lse2, delta
+    return lse, delta
 
 
 @triton.jit
@@ -233,7 +233,7 @@ def _dq_inner(
     dq,
     q,
     do,
-    lse2,
+    lse,
     delta,
     k_base,
     v_base,
@@ -247,7 +247,7 @@ def _dq_inner(
     d_mask,
     Lk,
     shift,
-    qk_scale2,
+    softmax_scale,
     BLOCK_N: tl.constexpr,
     CAUSAL_MASK: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -267,11 +267,11 @@ def _dq_inner(
             mask=kv_mask,
             other=0.0,
         )
-        s2 = tl.dot(q, kT, input_precision=PRECISION) * qk_scale2
+        s = tl.dot(q, kT, input_precision=PRECISION) * softmax_scale
         valid = m_mask[:, None] & n_mask[None, :]
         if CAUSAL_MASK:
             valid = valid & (offs_n[None, :] <= offs_m[:, None] + shift)
-        p = tl.where(valid, tl.math.exp2(s2 - lse2[:, None]), 0.0)
+        p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
         dp = tl.dot(do, vT, input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PRECISION)
@@ -303,7 +303,6 @@ def attn_bwd_dq_kernel(
     T_q,
     head_dim,
     group,
-    qk_scale2,
     softmax_scale,
     CAUSAL: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -336,7 +335,7 @@ def attn_bwd_dq_kernel(
         do_ptr + rows * stride_dot + h * stride_doh + offs_d[None, :], mask=md_mask, other=0.0
     )
     row_off = h.to(tl.int64) * T_q + q_start
-    lse2, delta = _load_row_stats(lse_ptr + row_off, delta_ptr + row_off, offs_m, m_mask)
+    lse, delta = _load_row_stats(lse_ptr + row_off, delta_ptr + row_off, offs_m, m_mask)
     k_base = k_ptr + k_start * stride_kt + hk * stride_kh
     v_base = v_ptr + k_start * stride_vt + hk * stride_vh
 
@@ -345,17 +344,17 @@ def attn_bwd_dq_kernel(
         hi = tl.minimum(tl.maximum(m0 + BLOCK_M + shift, 0), Lk)
         full_hi = tl.minimum(tl.maximum((m0 + shift + 1) // BLOCK_N * BLOCK_N, 0), hi)
         dq = _dq_inner(
-            dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, 0, full_hi,
-            offs_m, m_mask, offs_d, d_mask, Lk, shift, qk_scale2, BLOCK_N, False, PRECISION,
+            dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, 0, full_hi,
+            offs_m, m_mask, offs_d, d_mask, Lk, shift, softmax_scale, BLOCK_N, False, PRECISION,
         )  # fmt: skip
         dq = _dq_inner(
-            dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, full_hi, hi,
-            offs_m, m_mask, offs_d, d_mask, Lk, shift, qk_scale2, BLOCK_N, True, PRECISION,
+            dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, full_hi, hi,
+            offs_m, m_mask, offs_d, d_mask, Lk, shift, softmax_scale, BLOCK_N, True, PRECISION,
         )  # fmt: skip
     else:
         dq = _dq_inner(
-            dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, 0, Lk,
-            offs_m, m_mask, offs_d, d_mask, Lk, shift, qk_scale2, BLOCK_N, False, PRECISION,
+            dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, 0, Lk,
+            offs_m, m_mask, offs_d, d_mask, Lk, shift, softmax_scale, BLOCK_N, False, PRECISION,
         )  # fmt: skip
     dq = dq * softmax_scale
     tl.store(
@@ -384,7 +383,7 @@ def _dkdv_inner(
     d_mask,
     Lq,
     shift,
-    qk_scale2,
+    softmax_scale,
     BLOCK_M: tl.constexpr,
     CAUSAL_MASK: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -397,12 +396,12 @@ def _dkdv_inner(
         rows = offs_m[:, None].to(tl.int64)
         q = tl.load(q_base + rows * stride_qt + offs_d[None, :], mask=md_mask, other=0.0)
         do = tl.load(do_base + rows * stride_dot + offs_d[None, :], mask=md_mask, other=0.0)
-        lse2, delta = _load_row_stats(lse_row_ptr, delta_row_ptr, offs_m, m_mask)
-        sT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale2
+        lse, delta = _load_row_stats(lse_row_ptr, delta_row_ptr, offs_m, m_mask)
+        sT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * softmax_scale
         valid = m_mask[None, :]
         if CAUSAL_MASK:
             valid = valid & (offs_n[:, None] <= offs_m[None, :] + shift)
-        pT = tl.where(valid, tl.math.exp2(sT - lse2[None, :]), 0.0)
+        pT = tl.where(valid, tl.exp(sT - lse[None, :]), 0.0)
         dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         dsT = pT * (dpT - delta[None, :])
@@ -438,7 +437,6 @@ def attn_bwd_dkdv_kernel(
     T_q,
     head_dim,
     group,
-    qk_scale2,
     softmax_scale,
     CAUSAL: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -491,12 +489,12 @@ def attn_bwd_dkdv_kernel(
         row_off = h.to(tl.int64) * T_q + q_start
         dk, dv = _dkdv_inner(
             dk, dv, k, v, q_base, do_base, lse_ptr + row_off, delta_ptr + row_off,
-            stride_qt, stride_dot, lo, mid, offs_n, offs_d, d_mask, Lq, shift, qk_scale2,
+            stride_qt, stride_dot, lo, mid, offs_n, offs_d, d_mask, Lq, shift, softmax_scale,
             BLOCK_M, True, PRECISION,
         )  # fmt: skip
         dk, dv = _dkdv_inner(
             dk, dv, k, v, q_base, do_base, lse_ptr + row_off, delta_ptr + row_off,
-            stride_qt, stride_dot, mid, Lq, offs_n, offs_d, d_mask, Lq, shift, qk_scale2,
+            stride_qt, stride_dot, mid, Lq, offs_n, offs_d, d_mask, Lq, shift, softmax_scale,
             BLOCK_M, False, PRECISION,
         )  # fmt: skip
     dk = dk * softmax_scale

@@ -1,0 +1,86 @@
+"""Small helpers shared by the Triton kernels: availability, interpreter, autotuning, checks.
+
+Triton is optional: nothing here imports it at module import, so `kernels` imports on a
+machine without it; the kernel modules themselves import triton and are imported lazily.
+
+`TRITON_INTERPRET=1` (read by Triton itself when it is imported) runs kernels on CPU tensors
+through numpy. We read it only to decide two things that Triton cannot decide for us:
+whether CPU tensors are acceptable, and whether `@triton.autotune` may be used (it needs a
+GPU driver and fails in the interpreter).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+# Dtypes the Triton kernels accept. float64 is left to the torch backends (the reference path).
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def triton_available() -> bool:
+    """True when the `triton` package can be imported."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def is_interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (`TRITON_INTERPRET=1`)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_triton_tensors(name: str, *tensors: torch.Tensor) -> None:
+    """Raise ValueError unless Triton can run on `tensors`: importable, and CUDA tensors
+    (or CPU tensors under the interpreter), all on one device."""
+    if not triton_available():
+        raise ValueError(f"{name}: the triton backend needs the `triton` package")
+    devices = {t.device for t in tensors}
+    if len(devices) != 1:
+        raise ValueError(
+            f"{name}: all tensors must be on one device, got {sorted(map(str, devices))}"
+        )
+    device = next(iter(devices))
+    if device.type != "cuda" and not (device.type == "cpu" and is_interpreting()):
+        raise ValueError(
+            f"{name}: the triton backend needs CUDA tensors (or CPU tensors with "
+            f"TRITON_INTERPRET=1), got {device}"
+        )
+
+
+def check_dtype(name: str, dtype: torch.dtype, allowed: Sequence[torch.dtype] = TRITON_DTYPES):
+    """Raise ValueError when `dtype` is not one the Triton kernel supports."""
+    if dtype not in allowed:
+        raise ValueError(
+            f"{name}: dtype {dtype} is not supported by the triton backend "
+            f"(supported: {', '.join(str(d) for d in allowed)}); use the torch backend"
+        )
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """`tl.dot` input precision: exact ("ieee") for float32 inputs, so that float32 really
+    means float32 (the default would be TF32 on GPUs); irrelevant for 16-bit inputs."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def autotune_unless_interpreting(configs: list[Any], key: list[str]) -> Callable:
+    """`triton.autotune(configs, key)` on a GPU; the identity under the interpreter.
+
+    The kernel's launcher must then pass the tuned meta-parameters itself when interpreting:
+    see `launch_meta`.
+    """
+    import triton
+
+    if is_interpreting():
+        return lambda fn: fn
+    return triton.autotune(configs=configs, key=key)
+
+
+def launch_meta(kernel: Any, **defaults: Any) -> dict[str, Any]:
+    """Meta-parameters to pass at launch: none for an autotuned kernel (the tuner chooses),
+    `defaults` for a plain one (the interpreter path)."""
+    from triton.runtime.autotuner import Autotuner
+
+    return {} if isinstance(kernel, Autotuner) else defaults
