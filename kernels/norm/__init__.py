@@ -1,10 +1,27 @@
-"""RMSNorm over the last dimension."""
+"""RMSNorm over the last dimension.
+
+Backends: `torch` (`naive.py`, any device and dtype), `triton` (`triton_norm.py`: fused
+forward and backward; CUDA, or CPU under TRITON_INTERPRET=1; float16/bfloat16/float32) and
+`auto` (triton for CUDA tensors when triton is installed and the dtype is supported, else torch).
+"""
 
 import torch
 
+from kernels._triton_utils import TRITON_DTYPES, triton_available
 from kernels.norm.naive import rms_norm_naive
 
 __all__ = ["rms_norm", "rms_norm_naive"]
+
+_BACKENDS = ("auto", "torch", "triton")
+
+
+def _resolve(backend: str, x: torch.Tensor, weight: torch.Tensor) -> str:
+    if backend not in _BACKENDS:
+        raise ValueError(f"unknown norm backend {backend!r}; expected one of {_BACKENDS}")
+    if backend != "auto":
+        return backend
+    dtypes_ok = x.dtype in TRITON_DTYPES and weight.dtype in TRITON_DTYPES
+    return "triton" if x.is_cuda and dtypes_ok and triton_available() else "torch"
 
 
 def rms_norm(
@@ -12,10 +29,12 @@ def rms_norm(
 ) -> torch.Tensor:
     """RMSNorm of `x_TD` ([..., D]) scaled by `weight_D` ([D]); same shape and dtype as x.
 
-    `backend`: `auto` or `torch`.
+    `backend`: `auto`, `torch` or `triton`.
     """
     if x_TD.shape[-1] != weight_D.shape[-1]:
         raise ValueError(f"rms_norm: x has dim {x_TD.shape[-1]}, weight has {weight_D.shape[-1]}")
-    if backend not in ("auto", "torch"):
-        raise ValueError(f"unknown norm backend {backend!r}; expected auto or torch")
+    if _resolve(backend, x_TD, weight_D) == "triton":
+        from kernels.norm.triton_norm import rms_norm_triton
+
+        return rms_norm_triton(x_TD, weight_D, eps)
     return rms_norm_naive(x_TD, weight_D, eps)

@@ -8,13 +8,18 @@ position * theta^(-2i/D). Positions are per token, so they restart at every docu
 import torch
 
 
+def rope_inv_freq(
+    head_dim: int, theta: float, device: torch.device, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """inv_freq_D2 [D/2]: theta^(-2i/D) for pair i, computed in `dtype` (float32 or float64)."""
+    return theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=dtype) / head_dim)
+
+
 def rope_angles(position_ids_T: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
     """Return (cos_TD, sin_TD) for `position_ids_T` (int, [T]); computed in float32, or float64
     when `dtype` is float64, then cast to `dtype`."""
     compute = torch.float64 if dtype == torch.float64 else torch.float32
-    inv_freq_D2 = theta ** (
-        -torch.arange(0, head_dim, 2, device=position_ids_T.device, dtype=compute) / head_dim
-    )
+    inv_freq_D2 = rope_inv_freq(head_dim, theta, position_ids_T.device, compute)
     angle_TD2 = position_ids_T.to(compute)[:, None] * inv_freq_D2[None, :]
     angle_TD = torch.cat([angle_TD2, angle_TD2], dim=-1)
     return angle_TD.cos().to(dtype), angle_TD.sin().to(dtype)
