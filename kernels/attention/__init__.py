@@ -3,18 +3,22 @@
 Legend: T query tokens (documents packed), S key tokens, H query heads, K key/value heads
 (H % K == 0), D head dim, B documents.
 
-Chain (FLA style): backend fwd/bwd (`torch_blockwise`, `triton_attn`, `flash_attn_backend`)
--> `attn_varlen_fwd` / `attn_varlen_bwd` (validation, dispatch) -> torch.library custom ops
-`longtrain::attn_varlen_fwd` / `_bwd` (opaque to torch.compile, with fake impls) with their
-autograd registered -> `attn_varlen` -> `VarlenAttention` (the module the model calls).
+Chain (FLA style): backend fwd/bwd (`torch_blockwise`, `triton_attn`, `flash_attn_backend`,
+the last two imported only when chosen) -> `attn_varlen_fwd` / `attn_varlen_bwd` (validation,
+dispatch) -> autograd (`_AttnVarlenFunction` in eager mode; under torch.compile the same code
+runs as the custom ops `longtrain::attn_varlen_fwd` / `_bwd`, opaque to the compiler, with
+fake impls) -> `attn_varlen` -> `VarlenAttention` (the module the model calls).
 
-The lse output is differentiable too: its gradient adds dlse_i * P_ij to dS, which one more
-backward call with zero values applies (see `_lse_grad`); it runs only when dlse is nonzero,
-e.g. when partial results are merged by `merge_attn_partials` under autograd.
+The lse output is differentiable too: its gradient adds dlse_i * P_ij to dS. A backend whose
+backward takes `dlse_HT=` applies it itself; otherwise one more backward call with zero values
+does (see `_lse_grad`), only when dlse is nonzero, e.g. when partial results are merged by
+`merge_attn_partials` under autograd.
 """
 
+import functools
 import importlib
 import importlib.util
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -45,8 +49,8 @@ _MODULES = {  # backend -> (module, forward function, backward function), import
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _installed(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
+# Looked up once (find_spec does not import it), so torch.compile sees a constant.
+_HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
 
 
 def resolve_backend(backend: str, device: torch.device | str) -> str:
@@ -60,7 +64,7 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
     device_type = torch.device(device).type
     if backend == "auto":
         if device_type == "cuda":
-            return "flash_attn" if _installed("flash_attn") else "triton"
+            return "flash_attn" if _HAS_FLASH_ATTN else "triton"
         return "torch"
     if backend == "flash_attn" and device_type != "cuda":
         raise ValueError(f"attention backend 'flash_attn' needs CUDA tensors, got {device_type}")
@@ -228,12 +232,19 @@ def _bwd_impl(dout, dlse, q, k, v, out, lse, *meta_and_backend):
     *meta, be = meta_and_backend
     _, bwd = _backend_fns(be)
     dout = torch.zeros_like(out) if dout is None else dout
+    if dlse is not None and _takes_dlse(bwd):  # the backend handles an lse gradient itself
+        return bwd(dout, q, k, v, out, lse, *meta, dlse_HT=dlse)
     dq, dk, dv = bwd(dout, q, k, v, out, lse, *meta)
     if dlse is not None and bool(dlse.any()):
         dq_lse, dk_lse = _lse_grad(bwd, dlse, q, k, v, lse, meta)
         dq = (dq.to(lse.dtype) + dq_lse.to(lse.dtype)).to(q.dtype)
         dk = (dk.to(lse.dtype) + dk_lse.to(lse.dtype)).to(k.dtype)
     return dq, dk, dv
+
+
+@functools.cache
+def _takes_dlse(bwd) -> bool:
+    return "dlse_HT" in inspect.signature(bwd).parameters
 
 
 def _lse_grad(bwd, dlse_HT, q, k, v, lse_HT, meta):

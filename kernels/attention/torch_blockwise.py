@@ -16,7 +16,9 @@ Two paths, one contract (see docs/INTERFACES.md):
 - Other devices (or on request): plain blockwise math with an online softmax over tiles of
   `block_q` queries x `block_k` keys, all heads batched, GQA by viewing the G query heads of a
   KV head as extra rows (KV is never repeated). Each query sees one contiguous key interval
-  [klo, khi) (its document, cut causally), which is the whole mask.
+  [klo, khi) (its document, cut causally), which is the whole mask. A query tile spans the
+  key range of all its queries, so a tile that straddles a document boundary also computes
+  (masked) scores against the earlier document: at most one extra tile row per boundary.
 
 float32 and bfloat16/float16 inputs accumulate in float32 and return lse in float32; float64
 runs in float64 throughout. Outputs are allocated NaN-filled and every row is written, so a
@@ -210,7 +212,7 @@ def _block_key_ranges(klo_T, khi_T, block_q, S):
 def _heads_as_rows(x_LHD: torch.Tensor, K: int, cd: torch.dtype) -> torch.Tensor:
     """[L, H, D] -> [K, G * L, D] (query head h = kv_head * G + g), in compute dtype `cd`."""
     L, H, D = x_LHD.shape
-    return x_LHD.to(cd).view(L, K, H // K, D).permute(1, 2, 0, 3).reshape(K, -1, D)
+    return x_LHD.to(cd).reshape(L, K, H // K, D).permute(1, 2, 0, 3).reshape(K, -1, D)
 
 
 def _rows_as_heads(x_KRD: torch.Tensor, L: int) -> torch.Tensor:
@@ -384,6 +386,7 @@ def torch_attn_bwd(
     Returns (dq [T, H, D], dk [S, K, D], dv [S, K, D]) in the inputs' dtype.
     """
     scale = _scale(q, softmax_scale)
+    dout, out = dout.to(q.dtype), out.to(q.dtype)  # e.g. a float32 merged out for bf16 q
     if _use_cpu_flash(q):
         return _cpu_flash_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal, scale)
     return blockwise_attn_bwd(

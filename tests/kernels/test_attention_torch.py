@@ -152,21 +152,24 @@ def test_gradcheck_T9_H2_K1_D4(causal):
     assert torch.autograd.gradcheck(lambda *x: attn_varlen(*x, *meta, causal), (q, k, v))
 
 
-def test_softmax_scale_and_noncontiguous_inputs():
+@pytest.mark.parametrize("impl", ["public", "blockwise"])
+def test_softmax_scale_and_noncontiguous_inputs(impl):
     # q, k, v as strided views of one fused projection, as a model produces them.
     lq = [6, 11]
     gen = torch.Generator().manual_seed(3)
     qkv = torch.randn(17, 4 + 2 + 2, 8, generator=gen, dtype=torch.float64)
     q, k, v = qkv[:, :4], qkv[:, 4:6], qkv[:, 6:]
     meta = (_cu(lq), _cu(lq), 11, 11)
-    out, lse = attn_varlen_fwd(q, k, v, *meta, True, 0.3, "torch")
+    fwd, bwd = (attn_varlen_fwd, attn_varlen_bwd) if impl == "public" else IMPLS[impl]
+    backend = ("torch",) if impl == "public" else ()
+    out, lse = fwd(q, k, v, *meta, True, 0.3, *backend)
     ref_out, ref_lse = attn_naive(q, k, v, meta[0], meta[1], True, 0.3)
     # float64, summation order only.
     torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-12)
     torch.testing.assert_close(lse, ref_lse, rtol=0, atol=1e-12)
     dout = torch.randn(17, 4, 8, generator=gen, dtype=torch.float64).transpose(0, 1)
     dout = dout.contiguous().transpose(0, 1)  # a non-contiguous upstream gradient
-    grads = attn_varlen_bwd(dout, q, k, v, out, lse, *meta, True, 0.3, "torch")
+    grads = bwd(dout, q, k, v, out, lse, *meta, True, 0.3, *backend)
     qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
     want = torch.autograd.grad(
         attn_naive(qr, kr, vr, meta[0], meta[1], True, 0.3)[0], (qr, kr, vr), dout
@@ -197,9 +200,9 @@ def test_resolve_backend(monkeypatch):
 
     assert resolve_backend("auto", "cpu") == "torch"
     assert resolve_backend("triton", torch.device("cpu")) == "triton"
-    monkeypatch.setattr(attention, "_installed", lambda name: True)
+    monkeypatch.setattr(attention, "_HAS_FLASH_ATTN", True)
     assert resolve_backend("auto", "cuda") == "flash_attn"
-    monkeypatch.setattr(attention, "_installed", lambda name: False)
+    monkeypatch.setattr(attention, "_HAS_FLASH_ATTN", False)
     assert resolve_backend("auto", "cuda:1") == "triton"
     with pytest.raises(ValueError, match="needs CUDA"):
         resolve_backend("flash_attn", "cpu")
