@@ -24,6 +24,8 @@ from kernels.attention.torch_blockwise import (
     torch_attn_fwd,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small shapes: see tests/conftest.py
+
 # (query lengths, key lengths, H, K, D): odd sizes on purpose; empty documents on both sides.
 CASES = [
     ([1, 7, 33, 64, 130, 0], [1, 7, 33, 64, 130, 0], 4, 4, 16),  # GQA 1, an empty doc

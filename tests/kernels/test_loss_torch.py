@@ -9,6 +9,8 @@ import torch.nn.functional as F
 
 from kernels.loss import linear_cross_entropy
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small shapes: see tests/conftest.py
+
 # (T, D, V, tile_tokens): T not a multiple of the tile, one tile, exact multiple, one token.
 CASES = [(37, 8, 11, 8), (5, 16, 130, 4096), (64, 24, 33, 16), (1, 3, 2, 1)]
 

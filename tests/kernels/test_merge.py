@@ -8,6 +8,8 @@ import torch
 
 from kernels.attention import attn_naive, attn_varlen, merge_attn_partials
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small shapes: see tests/conftest.py
+
 
 def _cu(lengths: list[int]) -> torch.Tensor:
     return torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
