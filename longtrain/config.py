@@ -32,14 +32,34 @@ class ModelConfig:
 
 
 @dataclass
+class StageConfig:
+    steps: int = 1  # optimizer steps in this stage
+    seq_len: int = 512  # tokens per sequence in this stage
+    rope_theta: float = 10000.0  # RoPE base in this stage (context extension raises it)
+    global_batch: int = 0  # sequences per step; 0: keep train.global_batch x data.seq_len tokens
+
+
+@dataclass
 class DataConfig:
     source: str = "stdlib"  # stdlib | dir:PATH | jsonl:PATH (each file / line one document)
     store_dir: str = "data_cache/stdlib-byte"  # token store location (built if missing)
     tokenizer: str = "byte"  # byte | path to a local Hugging Face tokenizer directory
     limit_docs: int = 0  # 0: all documents; else the first N (deterministic order)
     seq_len: int = 512  # tokens per packed sequence
-    packing: str = "best_fit"  # concat_chunk | best_fit
+    packing: str = "best_fit"  # concat_chunk | best_fit | decomposition (variable length)
     shuffle: bool = True  # shuffle sequences each epoch (seeded by train.seed)
+    # Dataset decomposition (packing=decomposition): buckets of 2^i tokens, i in [min, max];
+    # every step trains train.global_batch x seq_len tokens from one bucket.
+    min_log2: int = 6  # shorter remainders are dropped (and counted)
+    max_log2: int = 0  # 0: log2(seq_len); longer documents become several max-size chunks
+    curriculum: str = "uniform"  # uniform | grow_linear | grow_p2 (short buckets first)
+    curriculum_cycles: int = 1  # the curriculum repeats this many times per epoch
+    # Context-length stages (override seq_len while they last), e.g. data.stages=
+    # '[{steps:100,seq_len:4096,rope_theta:5e5},{steps:50,seq_len:16384,rope_theta:4e6}]'
+    stages: list[StageConfig] = field(default_factory=list)
+    loss_weighting: str = "token"  # token (each trained token equal) | per_document (LongAlign)
+    balance: bool = True  # assign sequences to dp ranks balancing attention cost
+    prefetch: int = 1  # steps built ahead in a background thread (0: none)
 
 
 @dataclass
@@ -85,7 +105,7 @@ class TrainConfig:
     steps: int = 100  # optimizer steps
     seed: int = 0  # one seed for init, data order and every RNG
     global_batch: int = 8  # sequences per optimizer step, summed over data-parallel ranks
-    micro_batch: int = 0  # sequences per forward on each rank; 0: all of them (no accumulation)
+    micro_batch: int = 0  # sequences (of data.seq_len tokens) per forward; 0: all (no accumulation)
     ckpt_every: int = 0  # save a checkpoint every N steps (0: only at the end if ckpt_final)
     ckpt_final: bool = True  # save a checkpoint after the last step
     keep_last: int = 2  # complete checkpoints to keep
@@ -142,6 +162,7 @@ __all__ = [
     "OptimConfig",
     "ParallelConfig",
     "RunConfig",
+    "StageConfig",
     "TrainConfig",
     "WandbConfig",
     "register_configs",

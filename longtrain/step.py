@@ -48,6 +48,8 @@ class LocalBatch:
 def shard_micro_batch(mb: PackedBatch, ctx: StepContext) -> LocalBatch:
     """This rank's shard of `mb` (the whole of it without sequence parallelism)."""
     dev = ctx.device
+    # The model's dtype for the weights: float64 host weights (exact 1/N_i) cast once here.
+    wdtype = torch.float64 if ctx.dtype == "float64" else torch.float32
     if ctx.dims is None or ctx.dims.sp_size == 1:
         meta = VarlenMeta(
             cu_seqlens_q=mb.cu_seqlens.to(dev),
@@ -59,7 +61,7 @@ def shard_micro_batch(mb: PackedBatch, ctx: StepContext) -> LocalBatch:
             tokens=mb.tokens.to(dev),
             labels=mb.labels.to(dev),
             position_ids=mb.position_ids.to(dev),
-            loss_weights=mb.loss_weights.to(dev),
+            loss_weights=mb.loss_weights.to(dev, wdtype),
             attn_meta=meta,
             num_padding=0,
         )
@@ -70,7 +72,7 @@ def shard_micro_batch(mb: PackedBatch, ctx: StepContext) -> LocalBatch:
         tokens=layout.take(mb.tokens, ctx.pad_id).to(dev),
         labels=layout.take(mb.labels, IGNORE_INDEX).to(dev),
         position_ids=layout.take(mb.position_ids, 0).to(dev),
-        loss_weights=layout.take(mb.loss_weights, 0.0).to(dev),
+        loss_weights=layout.take(mb.loss_weights, 0.0).to(dev, wdtype),
         attn_meta=layout.attn_meta,
         num_padding=int(layout.num_padding),
     )
@@ -93,7 +95,7 @@ def train_step(
     t0 = time.perf_counter()
     acc_dtype = torch.float64  # counts and loss sums: exact enough for any batch
     # [trained weight, trained tokens, all tokens, padding tokens, documents, sequences,
-    #  attended (query, key) pairs]
+    #  attended (query, key) pairs, truncated segments]
     counts = torch.tensor(
         [
             [
@@ -104,6 +106,7 @@ def train_step(
                 mb.num_docs,
                 mb.num_sequences,
                 causal_pairs(mb.doc_lengths()),
+                mb.num_truncated,
             ]
             for mb in micro_batches
         ],
@@ -144,6 +147,7 @@ def train_step(
         dist.barrier()  # the step ends when every rank's update is done: honest step time
     step_time = time.perf_counter() - t0
     trained = int(counts[1].item())
+    real_tokens = counts[2].item() - counts[3].item()
     return {
         "loss": loss_sum.item() / global_weight,
         "lr": lr,
@@ -155,4 +159,7 @@ def train_step(
         "docs_per_seq": counts[4].item() / counts[5].item(),
         "seqs": int(counts[5].item()),
         "attended_pairs": int(counts[6].item()),
+        "truncated_docs": int(counts[7].item()),
+        # Mean number of earlier tokens a token attends to: sum l(l-1)/2 / sum l.
+        "avg_context": (counts[6].item() - real_tokens) / max(real_tokens, 1),
     }

@@ -21,6 +21,7 @@ from longtrain.data.setup import build_loader, open_token_store
 from longtrain.distributed import barrier, init_distributed, shutdown
 from longtrain.metrics import MetricsLogger, device_peak_tflops, peak_memory_bytes
 from longtrain.model import build_model, train_flops
+from longtrain.model.llama import set_rope_theta
 from longtrain.optim import build_optimizer, build_scheduler
 from longtrain.parallelize import build_parallel_dims, describe_layout, parallelize
 from longtrain.run_dir import agree_run_dir, save_resolved_config
@@ -89,8 +90,10 @@ def _train(cfg: RunConfig, run_dir: Path, env) -> Path:
     for step in range(start_step, cfg.train.steps):
         step_batches = next(batches)
         assert step_batches.step == step, "loader and loop disagree on the step"
+        if step_batches.rope_theta is not None:
+            set_rope_theta(model, step_batches.rope_theta)
         record = train_step(model, optimizer, scheduler, step_batches.micro_batches, step_ctx)
-        record = _finish_record(record, step, cfg, env)
+        record = _finish_record(record, step, step_batches, cfg, env)
         logger.log(record)
         done = step + 1
         if (cfg.train.ckpt_every and done % cfg.train.ckpt_every == 0) or (
@@ -108,13 +111,15 @@ def _train(cfg: RunConfig, run_dir: Path, env) -> Path:
     return run_dir
 
 
-def _finish_record(record: dict, step: int, cfg: RunConfig, env) -> dict:
+def _finish_record(record: dict, step: int, step_batches, cfg: RunConfig, env) -> dict:
     flops = train_flops(cfg.model, record["tokens"], record.pop("attended_pairs"))
     peak = device_peak_tflops(env.device, cfg.train.peak_tflops) * 1e12 * env.world_size
     return {
         "step": step,
         **record,
-        "seq_len": cfg.data.seq_len,
+        "seq_len": step_batches.seq_len,
+        "stage": step_batches.stage,
+        "cost_imbalance": step_batches.cost_imbalance,
         "mem_peak_bytes": peak_memory_bytes(env.device),
         "tflops": flops / record["step_time_s"] / 1e12,
         "mfu": flops / record["step_time_s"] / peak if peak > 0 else None,

@@ -28,8 +28,12 @@ def validate_run_config(cfg: RunConfig, world_size: int) -> None:
         raise ValueError(
             f"parallel.ring_impl={cfg.parallel.ring_impl!r}; expected zigzag or allgather"
         )
-    if cfg.train.engine not in ("fsdp2", "none"):
-        raise ValueError(f"train.engine={cfg.train.engine!r}; expected fsdp2 or none")
+    if cfg.data.loss_weighting not in ("token", "per_document"):
+        raise ValueError(
+            f"data.loss_weighting={cfg.data.loss_weighting!r}; expected token or per_document"
+        )
+    if cfg.train.engine not in ("fsdp2", "deepspeed", "none"):
+        raise ValueError(f"train.engine={cfg.train.engine!r}; expected fsdp2, deepspeed or none")
     if cfg.train.resume not in ("none", "auto") and not cfg.train.resume:
         raise ValueError("train.resume must be none, auto or a checkpoint directory")
     if cfg.logging.wandb.mode not in ("disabled", "offline", "online"):

@@ -235,3 +235,46 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, corpus):
     assert [r["loss"] for r in read_metrics(accum)] == pytest.approx(
         [r["loss"] for r in read_metrics(whole)], rel=1e-11
     )
+
+
+def test_variable_length_and_stages_train_and_resume_in_the_right_stage(tmp_path, corpus):
+    common = [
+        *SMALL,
+        *data_overrides(corpus, tmp_path / "store"),
+        "model.dtype=float64",
+        "logging.plot=false",
+    ]
+    # Decomposition with a growing curriculum: shapes change per step, tokens per step do not.
+    dec = train(
+        load_config(
+            [
+                *common,
+                "data.packing=decomposition",
+                "data.min_log2=3",
+                "data.curriculum=grow_p2",
+                "data.loss_weighting=per_document",
+                "train.steps=6",
+                "train.ckpt_final=false",
+            ]
+        ),
+        tmp_path / "dec",
+    )
+    recs = read_metrics(dec)
+    assert len({r["seq_len"] for r in recs}) > 1
+    assert all(r["seqs"] * r["seq_len"] == 4 * 64 for r in recs)
+    stages = (
+        "data.stages=[{steps:3,seq_len:32,rope_theta:10000},{steps:3,seq_len:64,rope_theta:500000}]"
+    )
+    full = train(
+        load_config([*common, stages, "train.steps=6", "train.ckpt_every=2", "train.keep_last=0"]),
+        tmp_path / "full",
+    )
+    recs = read_metrics(full)
+    assert [r["seq_len"] for r in recs] == [32, 32, 32, 64, 64, 64]
+    assert [r["stage"] for r in recs] == [0, 0, 0, 1, 1, 1]
+    cut = tmp_path / "cut"
+    shutil.copytree(full / "checkpoints" / "step_00000004", cut / "checkpoints" / "step_00000004")
+    train(load_config([*common, stages, "train.steps=6", "train.resume=auto"]), cut)
+    resumed = read_metrics(cut)
+    assert [r["stage"] for r in resumed] == [1, 1]
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in recs[4:]]

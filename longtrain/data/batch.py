@@ -29,11 +29,12 @@ class PackedBatch:
     labels: torch.Tensor  # int64 [T], IGNORE_INDEX where nothing is trained
     position_ids: torch.Tensor  # int64 [T], restarting at every segment
     cu_seqlens: torch.Tensor  # int32 [B+1]
-    loss_weights: torch.Tensor  # float32 [T], 0 where nothing is trained
+    loss_weights: torch.Tensor  # float64 [T], 0 where nothing is trained
     segment_is_padding: torch.Tensor  # bool [B]
     num_sequences: int
     num_docs: int  # real (non-padding) segments
     num_padding: int  # padding tokens
+    num_truncated: int = 0  # real segments that are a proper part of their document
 
     @property
     def num_tokens(self) -> int:
@@ -52,18 +53,27 @@ class PackedBatch:
         return int((self.labels != IGNORE_INDEX).sum().item())
 
 
+LOSS_WEIGHTINGS = ("token", "per_document")
+
+
 def build_batch(
     tokens: np.ndarray,
     offsets: np.ndarray,
     packing: Packing,
     seq_ids: np.ndarray,
     pad_id: int,
+    loss_weighting: str = "token",
 ) -> PackedBatch:
     """Assemble the sequences `seq_ids` of `packing` into one flat batch of
     len(seq_ids) x packing.seq_len tokens.
 
     `tokens` is the store's flat token array, `offsets` its int64 [N+1] document offsets.
+    `loss_weighting`: `token` (every trained token weighs 1) or `per_document` (LongAlign:
+    each segment's trained tokens weigh 1/N_i, so every document weighs the same; the trainer
+    divides by the global sum of weights, i.e. the number of documents).
     """
+    if loss_weighting not in LOSS_WEIGHTINGS:
+        raise ValueError(f"loss weighting {loss_weighting!r}; expected one of {LOSS_WEIGHTINGS}")
     seq_len = packing.seq_len
     T = len(seq_ids) * seq_len
     tok_T = np.full(T, pad_id, dtype=np.int64)
@@ -71,6 +81,7 @@ def build_batch(
     pos_T = np.zeros(T, dtype=np.int64)
     seg_lengths: list[int] = []
     seg_is_pad: list[bool] = []
+    truncated = 0
     cursor = 0
     for b in np.asarray(seq_ids, dtype=np.int64):
         seq_end = cursor + seq_len
@@ -88,6 +99,7 @@ def build_batch(
             pos_T[cursor : cursor + length] = np.arange(length)
             seg_lengths.append(int(length))
             seg_is_pad.append(False)
+            truncated += int(length < offsets[doc + 1] - offsets[doc])
             cursor += int(length)
         if cursor < seq_end:
             pos_T[cursor:seq_end] = np.arange(seq_end - cursor)
@@ -99,14 +111,23 @@ def build_batch(
     labels = torch.from_numpy(lab_T)
     is_pad = torch.tensor(seg_is_pad, dtype=torch.bool)
     pad_lengths = np.asarray(seg_lengths)[np.asarray(seg_is_pad, dtype=bool)]
+    trained_T = lab_T != IGNORE_INDEX
+    if loss_weighting == "token":
+        weights_T = trained_T.astype(np.float64)
+    else:
+        seg_T = np.repeat(np.arange(len(seg_lengths)), seg_lengths)
+        per_seg = np.bincount(seg_T, weights=trained_T, minlength=len(seg_lengths))
+        weights_T = np.where(trained_T, 1.0 / np.maximum(per_seg[seg_T], 1.0), 0.0)
     return PackedBatch(
         tokens=torch.from_numpy(tok_T),
         labels=labels,
         position_ids=torch.from_numpy(pos_T),
         cu_seqlens=torch.from_numpy(cu),
-        loss_weights=(labels != IGNORE_INDEX).to(torch.float32),
+        # float64 on the host: exact 1/N_i; the step casts to the model's dtype.
+        loss_weights=torch.from_numpy(weights_T),
         segment_is_padding=is_pad,
         num_sequences=len(seq_ids),
         num_docs=int((~is_pad).sum().item()),
         num_padding=int(pad_lengths.sum()),
+        num_truncated=truncated,
     )

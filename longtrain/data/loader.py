@@ -1,103 +1,154 @@
 """Deterministic, resumable loader of packed batches, sharded over data-parallel ranks.
 
-The sequence stream is a pure function of (seed, step): epoch e visits the packing's
-sequences in the order `permutation(seed, e)`, and optimizer step k takes the next
-`global_batch` of them, rank r of the data-parallel group taking its contiguous share.
-Its state is therefore just the next step, and a resume is bitwise exact.
+Each optimizer step's sequences come from a schedule (`longtrain.data.schedule`), a pure
+function of the step; this loader assigns them to data-parallel ranks balancing attention
+cost (`longtrain.data.balance`), splits this rank's share into micro-batches and builds them,
+one step ahead in a background thread so the training step never waits on packing. Its state
+is just the next step, so a resume is bitwise exact and independent of threads or workers.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
+from longtrain.data.balance import balanced_assignment, imbalance, sequence_costs
 from longtrain.data.batch import PackedBatch, build_batch
-from longtrain.data.packing import Packing
+from longtrain.data.schedule import StepPlan
 
 
 @dataclass
 class StepBatches:
     step: int
     micro_batches: list[PackedBatch]  # this rank's share, split into micro-batches
+    seq_len: int
+    rope_theta: float | None  # the stage's RoPE base (None: the model's own)
+    stage: int
+    cost_imbalance: float  # max / mean attention cost over data-parallel ranks
 
 
 class PackedLoader:
-    """Yields `StepBatches` for steps `start_step, start_step + 1, ...`."""
+    """Yields `StepBatches` for steps `next_step, next_step + 1, ...`.
+
+    `micro_tokens`: tokens per micro-batch on this rank (0: the whole share in one); with
+    variable sequence lengths a micro-batch holds micro_tokens // seq_len sequences.
+    """
 
     def __init__(
         self,
         tokens: np.ndarray,
         offsets: np.ndarray,
-        packing: Packing,
-        global_batch: int,
-        micro_batch: int,
+        schedule,
         dp_rank: int,
         dp_size: int,
-        seed: int,
-        shuffle: bool,
         pad_id: int,
+        micro_tokens: int = 0,
+        balance: bool = True,
+        loss_weighting: str = "token",
+        prefetch: int = 1,
     ) -> None:
-        if global_batch % dp_size:
-            raise ValueError(
-                f"train.global_batch ({global_batch}) must be divisible by the data-parallel "
-                f"size ({dp_size}); use a multiple of {dp_size}"
-            )
-        local = global_batch // dp_size
-        micro_batch = micro_batch or local
-        if local % micro_batch:
-            raise ValueError(
-                f"train.micro_batch ({micro_batch}) must divide the per-rank batch ({local} = "
-                f"global_batch {global_batch} / dp {dp_size})"
-            )
-        if packing.num_sequences == 0:
-            raise ValueError("the packing has no sequences: is the corpus empty?")
-        self.tokens, self.offsets, self.packing = tokens, offsets, packing
-        self.global_batch, self.micro_batch, self.local_batch = global_batch, micro_batch, local
-        self.dp_rank, self.seed, self.shuffle, self.pad_id = dp_rank, seed, shuffle, pad_id
+        self.tokens, self.offsets, self.schedule = tokens, offsets, schedule
+        self.dp_rank, self.dp_size, self.pad_id = dp_rank, dp_size, pad_id
+        self.micro_tokens, self.balance = micro_tokens, balance
+        self.loss_weighting, self.prefetch = loss_weighting, prefetch
         self.next_step = 0
-        self._epoch_cache: tuple[int, np.ndarray] | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: dict[int, Future] = {}
+        self.check_step(0)
 
-    def _epoch_order(self, epoch: int) -> np.ndarray:
-        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
-            n = self.packing.num_sequences
-            order = (
-                np.random.default_rng([self.seed, epoch]).permutation(n)
-                if self.shuffle
-                else np.arange(n)
+    def check_step(self, step: int) -> None:
+        """Raise ValueError (naming the numbers) if `step`'s batch cannot be split."""
+        self._split(self.schedule.plan(step))
+
+    def _split(self, plan: StepPlan) -> tuple[int, int]:
+        """(sequences per rank, sequences per micro-batch) of `plan`."""
+        n = len(plan.seq_ids)
+        if n % self.dp_size:
+            raise ValueError(
+                f"step {plan.step} has {n} sequences of {plan.seq_len} tokens, not divisible "
+                f"by the data-parallel size {self.dp_size}; use a global batch (or tokens per "
+                f"step) that is a multiple of {self.dp_size} sequences"
             )
-            self._epoch_cache = (epoch, order)
-        return self._epoch_cache[1]
-
-    def global_sequence_ids(self, step: int) -> np.ndarray:
-        """The `global_batch` sequence ids of optimizer step `step` (all ranks)."""
-        n = self.packing.num_sequences
-        stream = np.arange(step * self.global_batch, (step + 1) * self.global_batch)
-        return np.array([self._epoch_order(int(i // n))[i % n] for i in stream], dtype=np.int64)
+        local = n // self.dp_size
+        micro = max(1, self.micro_tokens // plan.seq_len) if self.micro_tokens else local
+        if local % micro:
+            raise ValueError(
+                f"a micro-batch of {micro} sequences ({self.micro_tokens} tokens / "
+                f"{plan.seq_len}) must divide the per-rank batch ({local}) at step {plan.step}"
+            )
+        return local, micro
 
     def batches_for_step(self, step: int) -> StepBatches:
-        ids = self.global_sequence_ids(step)
-        mine = ids[self.dp_rank * self.local_batch : (self.dp_rank + 1) * self.local_batch]
-        micro = [
+        """This rank's micro-batches of optimizer step `step` (a pure function of the step)."""
+        plan = self.schedule.plan(step)
+        local, micro = self._split(plan)
+        costs = sequence_costs(plan.packing, plan.seq_ids)
+        if self.balance and self.dp_size > 1:
+            groups = balanced_assignment(costs, self.dp_size)
+        else:
+            groups = [np.arange(r * local, (r + 1) * local) for r in range(self.dp_size)]
+        mine = plan.seq_ids[groups[self.dp_rank]]
+        batches = [
             build_batch(
-                self.tokens, self.offsets, self.packing, mine[i : i + self.micro_batch], self.pad_id
+                self.tokens,
+                self.offsets,
+                plan.packing,
+                mine[i : i + micro],
+                self.pad_id,
+                self.loss_weighting,
             )
-            for i in range(0, self.local_batch, self.micro_batch)
+            for i in range(0, local, micro)
         ]
-        return StepBatches(step=step, micro_batches=micro)
+        return StepBatches(
+            step=step,
+            micro_batches=batches,
+            seq_len=plan.seq_len,
+            rope_theta=plan.rope_theta,
+            stage=plan.stage,
+            cost_imbalance=imbalance(costs, groups),
+        )
+
+    def _submit(self, step: int) -> None:
+        if step not in self._pending:
+            self._pending[step] = self._pool.submit(self.batches_for_step, step)
 
     def __iter__(self):
-        while True:
-            batches = self.batches_for_step(self.next_step)
-            self.next_step += 1
-            yield batches
+        if self.prefetch <= 0:
+            while True:
+                batches = self.batches_for_step(self.next_step)
+                self.next_step += 1
+                yield batches
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="longtrain-loader")
+        try:
+            while True:
+                step = self.next_step
+                for ahead in range(step, step + 1 + self.prefetch):
+                    self._submit(ahead)
+                batches = self._pending.pop(step).result()
+                self.next_step += 1
+                yield batches
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the background thread (pending prefetches are dropped)."""
+        if self._pool is not None:
+            for fut in self._pending.values():
+                fut.cancel()
+            self._pending.clear()
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def state_dict(self) -> dict:
-        return {"next_step": self.next_step, "seed": self.seed}
+        return {"next_step": self.next_step, "seed": self.schedule.seed}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("seed", self.seed) != self.seed:
+        if self._pending:
+            raise RuntimeError("load_state_dict on a loader that is already iterating")
+        if state.get("seed", self.schedule.seed) != self.schedule.seed:
             raise ValueError(
-                f"checkpoint data seed {state['seed']} differs from train.seed {self.seed}"
+                f"checkpoint data seed {state['seed']} differs from train.seed {self.schedule.seed}"
             )
         self.next_step = int(state["next_step"])

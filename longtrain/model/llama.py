@@ -150,6 +150,13 @@ class Transformer(nn.Module):
             p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(scale))
 
 
+def set_rope_theta(model: nn.Module, theta: float) -> None:
+    """Set the RoPE base of every attention module (context-length stages change it)."""
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.rope_theta = theta
+
+
 def validate_model_config(cfg: ModelConfig) -> None:
     """Raise ValueError naming the offending field when the shapes do not fit together."""
     if cfg.vocab_size <= 0:

@@ -35,7 +35,7 @@ def test_concat_chunk_batch_labels_continue_into_the_same_document_only():
     assert batch.position_ids.tolist()[:17] == [0, 1, 2, 3, 4, 0, 1, 2, *range(8), 0]
     assert (batch.labels[17:] == IGNORE_INDEX).all() and (batch.tokens[17:] == PAD).all()
     assert batch.num_padding == 7 and batch.num_docs == 4 and batch.num_sequences == 3
-    assert torch.equal(batch.loss_weights, (batch.labels != IGNORE_INDEX).float())
+    assert torch.equal(batch.loss_weights, (batch.labels != IGNORE_INDEX).double())
 
 
 def test_best_fit_batch_covers_every_trained_pair_once():
@@ -61,3 +61,19 @@ def test_overfull_sequence_is_refused():
     tokens, offsets = _store([5, 5])
     with pytest.raises(ValueError, match="more than seq_len=8"):
         build_batch(tokens, offsets, bad, np.array([0]), PAD)
+
+
+def test_per_document_weights_make_every_document_weigh_one():
+    lengths = [5, 3, 9]
+    tokens, offsets = _store(lengths)
+    packing = concat_chunk(np.array(lengths), seq_len=8)
+    batch = build_batch(tokens, offsets, packing, np.arange(3), PAD, "per_document")
+    w = batch.loss_weights.numpy()
+    # Segments: doc0 (4 trained), doc1 (2), doc2[0:8] (8: its cut keeps the last label), doc2[8:9]
+    # (0 trained: the document ends), padding. Each trained segment sums to exactly 1.
+    cu = batch.cu_seqlens.tolist()
+    sums = [w[a:b].sum() for a, b in zip(cu[:-1], cu[1:])]
+    assert sums == [1.0, 1.0, 1.0, 0.0, 0.0]
+    assert w[0] == 0.25 and w[5] == 0.5 and w[8] == 0.125
+    with pytest.raises(ValueError, match="loss weighting 'per_token'"):
+        build_batch(tokens, offsets, packing, np.arange(3), PAD, "per_token")
