@@ -6,8 +6,10 @@ Same semantics as the torch `merge_attn_partials` (kernels/attention/merge.py), 
     lse = log(exp(lse_a) + exp(lse_b)),  out = w_a * out_a + w_b * out_b,  w_x = exp(lse_x - lse)
 with a finite shift, so a side with lse -inf weighs 0 and two -inf sides give out 0, lse -inf
 (and zero gradients). Math in float32, float64 when an input is float64.
-Backward, with o the merged output and dlse the gradient of the merged lse:
-    d out_x = w_x * dout,   d lse_x = w_x * (sum_d dout * (out_x - o) + dlse).
+Backward, with dlse the gradient of the merged lse (w_a + w_b = 1 where a row saw a key):
+    d out_x = w_x * dout,   d lse_a = w_a * (w_b * sum_d dout * (out_a - out_b) + dlse)
+and symmetrically for b. This is w_a * (sum_d dout * (out_a - out) + dlse) with the merged out
+expanded, so the rounded merged output (16-bit for 16-bit partials) is never read back.
 
 Chain: kernels -> custom ops `longtrain::triton_merge_fwd` / `_bwd` (fake impls for
 torch.compile) -> `TritonMergeFunction` -> `triton_merge_attn_partials`.
@@ -88,7 +90,6 @@ def merge_bwd_kernel(
     lse_a_ptr,
     out_b_ptr,
     lse_b_ptr,
-    out_ptr,
     dout_a_ptr,
     dlse_a_ptr,
     dout_b_ptr,
@@ -112,12 +113,12 @@ def merge_bwd_kernel(
     w_a, w_b, _ = _merge_weights(lse_a_ptr, lse_b_ptr, lse_off, t_mask, COMPUTE)
     off = offs_t[:, None] * stride_t + h * stride_h + offs_d[None, :]
     dout = tl.load(dout_ptr + off, mask=td_mask, other=0.0).to(COMPUTE)
-    out = tl.load(out_ptr + off, mask=td_mask, other=0.0).to(COMPUTE)
     out_a = tl.load(out_a_ptr + off, mask=td_mask, other=0.0).to(COMPUTE)
     out_b = tl.load(out_b_ptr + off, mask=td_mask, other=0.0).to(COMPUTE)
     dlse = tl.load(dlse_ptr + lse_off, mask=t_mask, other=0.0).to(COMPUTE)
-    dlse_a = w_a * (tl.sum(dout * (out_a - out), 1) + dlse)
-    dlse_b = w_b * (tl.sum(dout * (out_b - out), 1) + dlse)
+    gap = tl.sum(dout * (out_a - out_b), 1)
+    dlse_a = w_a * (w_b * gap + dlse)
+    dlse_b = w_b * (dlse - w_a * gap)
     tl.store(dout_a_ptr + off, (w_a[:, None] * dout).to(dout_a_ptr.dtype.element_ty), td_mask)
     tl.store(dout_b_ptr + off, (w_b[:, None] * dout).to(dout_b_ptr.dtype.element_ty), td_mask)
     tl.store(dlse_a_ptr + lse_off, dlse_a.to(dlse_a_ptr.dtype.element_ty), mask=t_mask)
@@ -174,18 +175,17 @@ def _bwd_op(
     lse_a: torch.Tensor,
     out_b: torch.Tensor,
     lse_b: torch.Tensor,
-    out: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     T, H, D = out_a.shape
     compute = _compute(out_a, lse_a, out_b, lse_b)
-    dout, out_a, out_b, out = (x.contiguous() for x in (dout, out_a, out_b, out))
+    dout, out_a, out_b = (x.contiguous() for x in (dout, out_a, out_b))
     dlse, lse_a, lse_b = (x.contiguous() for x in (dlse, lse_a, lse_b))
     dout_a, dout_b = torch.empty_like(out_a), torch.empty_like(out_b)
     dlse_a = torch.empty(lse_a.shape, dtype=lse_a.dtype, device=lse_a.device)
     dlse_b = torch.empty(lse_b.shape, dtype=lse_b.dtype, device=lse_b.device)
     if T > 0 and H > 0:
         merge_bwd_kernel[_grid(T, H)](
-            dout, dlse, out_a, lse_a, out_b, lse_b, out, dout_a, dlse_a, dout_b, dlse_b,
+            dout, dlse, out_a, lse_a, out_b, lse_b, dout_a, dlse_a, dout_b, dlse_b,
             out_a.stride(0), out_a.stride(1), T, D,
             COMPUTE=_tl_dtype(compute), BLOCK_T=_BLOCK_T, BLOCK_D=_block_d(D),
         )  # fmt: skip
@@ -193,7 +193,7 @@ def _bwd_op(
 
 
 @_bwd_op.register_fake
-def _(dout, dlse, out_a, lse_a, out_b, lse_b, out):
+def _(dout, dlse, out_a, lse_a, out_b, lse_b):
     return (
         torch.empty_like(out_a),
         torch.empty_like(lse_a),
@@ -203,19 +203,19 @@ def _(dout, dlse, out_a, lse_a, out_b, lse_b, out):
 
 
 class TritonMergeFunction(torch.autograd.Function):
-    """Autograd around the merge ops; saves the inputs and the merged out."""
+    """Autograd around the merge ops; saves the four inputs."""
 
     @staticmethod
     def forward(ctx, out_a, lse_a, out_b, lse_b):
         out, lse = torch.ops.longtrain.triton_merge_fwd(out_a, lse_a, out_b, lse_b)
-        ctx.save_for_backward(out_a, lse_a, out_b, lse_b, out)
+        ctx.save_for_backward(out_a, lse_a, out_b, lse_b)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        out_a, lse_a, out_b, lse_b, out = ctx.saved_tensors
+        out_a, lse_a, out_b, lse_b = ctx.saved_tensors
         dout_a, dlse_a, dout_b, dlse_b = torch.ops.longtrain.triton_merge_bwd(
-            dout.to(out.dtype), dlse, out_a, lse_a, out_b, lse_b, out
+            dout.to(out_a.dtype), dlse, out_a, lse_a, out_b, lse_b
         )
         return dout_a, dlse_a, dout_b, dlse_b
 
