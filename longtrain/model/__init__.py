@@ -4,9 +4,11 @@ import torch
 
 from longtrain.config import ModelConfig
 from longtrain.model.flops import causal_pairs, param_count, train_flops
+from longtrain.model.hf import HFCausalLM, build_hf_model
 from longtrain.model.llama import Transformer, validate_model_config
 
 __all__ = [
+    "HFCausalLM",
     "Transformer",
     "build_model",
     "causal_pairs",
@@ -16,12 +18,17 @@ __all__ = [
 ]
 
 
-def build_model(cfg: ModelConfig, seed: int, device: torch.device | str = "cpu") -> Transformer:
+def build_model(
+    cfg: ModelConfig, seed: int, device: torch.device | str = "cpu"
+) -> Transformer | HFCausalLM:
     """Build and deterministically initialise the model (weights identical on every rank).
 
     Parameters stay float32 for bfloat16 runs (autocast does the casting); float64 runs
-    hold float64 parameters.
+    hold float64 parameters. `cfg.name == "hf"`: the Hugging Face model of `cfg.path`
+    (see longtrain.model.hf).
     """
+    if cfg.name == "hf":
+        return build_hf_model(cfg, seed, device)
     model = Transformer(cfg)
     model.init_weights(seed)
     param_dtype = torch.float64 if cfg.dtype == "float64" else torch.float32

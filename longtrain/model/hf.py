@@ -1,0 +1,369 @@
+"""Train a local Hugging Face causal LM (Llama, Qwen2, Mistral) with longtrain's machinery.
+
+Legend: T tokens in the flat micro-batch on this rank, D model width, H query heads,
+K key/value heads, E head dim, V vocabulary.
+
+`model=hf model.path=DIR` builds the `transformers` model of DIR (config.json; weights from
+safetensors when present, else a seeded random init) and wraps it in `HFCausalLM`, which has
+the interface of `longtrain.model.llama.Transformer`. Attention goes through transformers'
+public attention interface: we register `longtrain_varlen`, an attention function that takes
+the module's q/k/v ([1, H, T, E], after HF's RoPE) and calls the
+`kernels.attention.VarlenAttention` that `attach_varlen_attention` hangs on every attention
+module as `longtrain_core`. `parallel.apply` finds those submodules like any other and swaps
+them for sequence-parallel ones, so ulysses / ring / usp apply unchanged. Our `attn_meta`
+reaches the attention function as the keyword `longtrain_attn_meta`: transformers passes the
+`**kwargs` of the base model's forward down through every decoder layer to the attention
+function. No causal mask is built: transformers skips mask creation for an attention
+implementation without a registered mask function, and documents are delimited by the varlen
+metadata alone (positions restart per document; `use_cache=False`).
+
+The shape fields of `ModelConfig` come from config.json through the `hf_config` OmegaConf
+resolver (see configs/model/hf.yaml), so the mesh checks, FLOP accounting and the saved run
+config see the real model; `build_hf_model` refuses a config that disagrees with config.json.
+
+Precision note: transformers' Llama/Qwen2/Mistral compute RMSNorm variance and RoPE angles
+in float32 even in a float64 model; a float64 run keeps those float32 roundings (they are
+deterministic per token, so layouts still agree to ~1e-10).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from kernels.attention import VarlenAttention
+from kernels.loss import linear_cross_entropy
+from longtrain.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+ATTN_IMPLEMENTATION = "longtrain_varlen"  # our name in transformers' AttentionInterface
+ATTN_META_KWARG = "longtrain_attn_meta"  # forward kwarg that carries attn_meta to attention
+CORE_ATTR = "longtrain_core"  # the VarlenAttention submodule on each HF attention module
+SUPPORTED_FAMILIES = ("llama", "qwen2", "mistral")  # config.json model_type
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+# RoPE variants whose frequencies depend on the longest position in the batch: under packing
+# and sequence parallelism each rank sees different positions, so they cannot be exact.
+_BATCH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+# --------------------------------------------------------------------------------------------
+# config.json -> ModelConfig
+
+
+def load_hf_config(path: str | Path):
+    """The transformers config of the local directory `path`, checked for what we support.
+
+    Raises ValueError naming the field and the fix for an unsupported family, a missing
+    directory, attention dropout or a batch-dependent RoPE variant.
+    """
+    from transformers import AutoConfig
+
+    path = Path(path) if path else None
+    if path is None or not (path / "config.json").is_file():
+        raise ValueError(
+            f"model.path={str(path or '')!r} must be a local Hugging Face model directory with a "
+            "config.json (model=hf model.path=DIR)"
+        )
+    config = AutoConfig.from_pretrained(str(path))
+    if config.model_type not in SUPPORTED_FAMILIES:
+        raise ValueError(
+            f"{path}/config.json has model_type={config.model_type!r}; model=hf supports "
+            f"{', '.join(SUPPORTED_FAMILIES)}"
+        )
+    if float(getattr(config, "attention_dropout", 0.0) or 0.0) != 0.0:
+        raise ValueError(
+            f"{path}/config.json has attention_dropout={config.attention_dropout}; longtrain's "
+            "varlen attention has no dropout: set it to 0.0"
+        )
+    rope_type = (config.rope_parameters or {}).get("rope_type", "default")
+    if rope_type in _BATCH_DEPENDENT_ROPE:
+        raise ValueError(
+            f"{path}/config.json uses rope_type={rope_type!r}, whose frequencies depend on the "
+            "longest position of each batch; packed and sequence-parallel batches need a "
+            "position-only RoPE (default, linear, llama3, yarn)"
+        )
+    return config
+
+
+def model_fields(config) -> dict:
+    """Our `ModelConfig` shape fields from a transformers config of a supported family."""
+    heads = config.num_attention_heads
+    return {
+        "vocab_size": int(config.vocab_size),
+        "dim": int(config.hidden_size),
+        "n_layers": int(config.num_hidden_layers),
+        "n_heads": int(heads),
+        "n_kv_heads": int(getattr(config, "num_key_value_heads", None) or heads),
+        "head_dim": int(getattr(config, "head_dim", None) or config.hidden_size // heads),
+        "ffn_dim": int(config.intermediate_size),
+        "rope_theta": float(config.rope_parameters["rope_theta"]),
+        "norm_eps": float(config.rms_norm_eps),
+        "tie_embeddings": bool(config.tie_word_embeddings),
+        "init_std": float(config.initializer_range),
+    }
+
+
+def hf_config_value(path: str, field: str):
+    """The value of our `ModelConfig.<field>` for the model in `path` (the `hf_config`
+    resolver: `${hf_config:${.path},dim}` in configs/model/hf.yaml)."""
+    values = model_fields(load_hf_config(path))
+    if field not in values:
+        raise ValueError(f"hf_config: unknown field {field!r}; expected one of {sorted(values)}")
+    return values[field]
+
+
+def register_hf_config_resolver() -> None:
+    """Register the `hf_config` OmegaConf resolver (idempotent)."""
+    if not OmegaConf.has_resolver("hf_config"):
+        OmegaConf.register_new_resolver("hf_config", hf_config_value)
+
+
+def hf_model_config(path: str | Path, **overrides) -> ModelConfig:
+    """A `ModelConfig` for model=hf with the shapes of `path`/config.json (for use from Python;
+    the Hydra config gets the same through the resolver). `overrides` set the other fields
+    (dtype, attn_backend, kernel_backend)."""
+    values = model_fields(load_hf_config(path))
+    return ModelConfig(**{"name": "hf", "path": str(path), **values, **overrides})
+
+
+def check_model_config(cfg: ModelConfig, config) -> None:
+    """Raise ValueError when a shape field of `cfg` disagrees with config.json."""
+    for name, value in model_fields(config).items():
+        if getattr(cfg, name) != value:
+            raise ValueError(
+                f"model.{name}={getattr(cfg, name)!r} disagrees with {cfg.path}/config.json "
+                f"({value!r}); with model=hf the shapes come from config.json: drop the override"
+            )
+
+
+def check_seq_len(cfg: ModelConfig, seq_len: int) -> None:
+    """Refuse a run whose documents could exceed the model's sliding window: our varlen
+    attention is full causal, which equals sliding-window attention only for documents of at
+    most `sliding_window` tokens (documents are chunked to at most data.seq_len tokens)."""
+    window = sliding_window(load_hf_config(cfg.path))
+    if window is not None and seq_len > window:
+        raise ValueError(
+            f"data.seq_len={seq_len} exceeds the sliding window ({window}) of {cfg.path}; "
+            f"longtrain's attention is full causal: use data.seq_len<={window} or a model "
+            "without a sliding window (sliding_window: null in config.json)"
+        )
+
+
+def sliding_window(config) -> int | None:
+    """The attention window if any layer of `config` uses one, else None."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if window is None or (layer_types is not None and "sliding_attention" not in layer_types):
+        return None
+    return int(window)
+
+
+# --------------------------------------------------------------------------------------------
+# The attention function and its submodules
+
+
+def longtrain_varlen_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function `longtrain_varlen`.
+
+    query [1, H, T, E], key / value [1, K, T, E] (after RoPE); `kwargs[ATTN_META_KWARG]` is
+    the attention metadata of the batch. Calls `module.longtrain_core` (a VarlenAttention or
+    its sequence-parallel replacement) and returns (out [1, T, H, E], None).
+    """
+    meta = kwargs.get(ATTN_META_KWARG)
+    if meta is None:
+        raise ValueError(
+            f"attention {ATTN_IMPLEMENTATION!r} needs the batch's varlen metadata as the "
+            f"keyword {ATTN_META_KWARG!r}: call the model through HFCausalLM.forward"
+        )
+    core = getattr(module, CORE_ATTR, None)
+    if core is None:
+        raise ValueError(
+            f"{type(module).__name__} has no {CORE_ATTR!r} submodule: build the model with "
+            "build_hf_model (or call attach_varlen_attention)"
+        )
+    if attention_mask is not None:
+        raise ValueError(
+            "attention_mask is not supported with packed batches: documents are delimited by "
+            f"{ATTN_META_KWARG} (cu_seqlens); pass attention_mask=None"
+        )
+    if dropout:
+        raise ValueError(f"attention dropout {dropout} is not supported; set it to 0.0")
+    if query.shape[0] != 1:
+        raise ValueError(f"expected one flat packed sequence (batch 1), got {query.shape[0]}")
+    longest = getattr(meta, "max_seqlen_k", None)  # VarlenMeta; SP metas: see check_seq_len
+    if sliding_window is not None and longest is not None and longest > sliding_window:
+        raise ValueError(
+            f"a document of {longest} tokens exceeds the sliding window {sliding_window}; "
+            "longtrain's attention is full causal (see longtrain.model.hf.check_seq_len)"
+        )
+    # (1, H, T, E) -> (T, H, E): a view of the projection's contiguous [T, H*E] output.
+    q_THE = query[0].transpose(0, 1).contiguous()
+    k_TKE = key[0].transpose(0, 1).contiguous()
+    v_TKE = value[0].transpose(0, 1).contiguous()
+    out_THE = core(q_THE, k_TKE, v_TKE, meta, causal=True, softmax_scale=scaling)
+    return out_THE.unsqueeze(0), None  # (T, H, E) -> (1, T, H, E), as HF's o_proj expects
+
+
+def register_attention() -> None:
+    """Register `longtrain_varlen` in transformers' AttentionInterface (idempotent)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, longtrain_varlen_attention)
+
+
+def attach_varlen_attention(hf_model: nn.Module, backend: str) -> int:
+    """Attach a `VarlenAttention(backend)` as `longtrain_core` to the self-attention module of
+    every decoder layer of `hf_model`; returns how many."""
+    layers = hf_model.base_model.layers
+    for layer in layers:
+        setattr(layer.self_attn, CORE_ATTR, VarlenAttention(backend=backend))
+    return len(layers)
+
+
+# --------------------------------------------------------------------------------------------
+# The wrapper
+
+
+class HFCausalLM(nn.Module):
+    """A transformers causal LM behind the interface of `longtrain.model.Transformer`.
+
+    `hf` is the transformers model (its state dict keys are HF's under the prefix `hf.`);
+    `layers` its decoder layers (for FSDP and activation checkpointing); `cfg` the
+    `ModelConfig` (shapes from config.json).
+    """
+
+    def __init__(self, cfg: ModelConfig, hf_model: nn.Module) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.hf = hf_model
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The decoder layers ([1, T, D] -> [1, T, D] each)."""
+        return self.hf.base_model.layers
+
+    def output_weight(self) -> torch.Tensor:
+        """The [V, D] output projection (the embedding when tied)."""
+        return self.hf.get_output_embeddings().weight
+
+    def forward(
+        self,
+        tokens_T: torch.Tensor,
+        position_ids_T: torch.Tensor,
+        attn_meta,
+        labels_T: torch.Tensor | None = None,
+        loss_weights_T: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """tokens_T, position_ids_T: int64 [T] (positions restart at every document).
+
+        Without labels: hidden states [T, D] after the final norm. With `labels_T` (int64 [T],
+        -100 = not trained) and optional `loss_weights_T` (float [T]): the weighted *sum* of
+        token cross-entropies (scalar), tiled so [T, V] logits never exist.
+        """
+        out = self.hf.base_model(
+            input_ids=tokens_T.unsqueeze(0),  # [T] -> [1, T]: one flat packed sequence
+            position_ids=position_ids_T.unsqueeze(0),
+            use_cache=False,
+            **{ATTN_META_KWARG: attn_meta},
+        )
+        hidden_TD = out.last_hidden_state[0]
+        if labels_T is None:
+            return hidden_TD
+        return linear_cross_entropy(
+            hidden_TD,
+            self.output_weight(),
+            labels_T,
+            loss_weights_T,
+            backend=self.cfg.kernel_backend,
+        )
+
+    def logits(self, hidden_TD: torch.Tensor) -> torch.Tensor:
+        """Materialised logits [T, V] (tests and inference only; training uses the tiled loss)."""
+        return hidden_TD @ self.output_weight().t()
+
+
+def has_weights(path: str | Path) -> bool:
+    """Whether the directory holds weights transformers can load (safetensors or .bin)."""
+    return any((Path(path) / name).is_file() for name in WEIGHT_FILES)
+
+
+def build_hf_model(cfg: ModelConfig, seed: int, device: torch.device | str = "cpu") -> HFCausalLM:
+    """Build the model of `cfg.path` (weights when present, else a random init from `seed`,
+    identical on every rank), with `longtrain_varlen` attention.
+
+    Parameters are float32 (bfloat16 runs autocast) or float64 for float64 runs, as for our
+    own model. Raises ValueError when `cfg` disagrees with config.json or the checkpoint lacks
+    weights the model needs.
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = load_hf_config(cfg.path)
+    check_model_config(cfg, config)
+    config.use_cache = False
+    register_attention()
+    # Loaded and initialised in float32 whatever the run's dtype: the init does not depend on it.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # from_config's init, and anything the checkpoint lacks
+        if has_weights(cfg.path):
+            hf_model, info = AutoModelForCausalLM.from_pretrained(
+                cfg.path,
+                config=config,
+                attn_implementation=ATTN_IMPLEMENTATION,
+                dtype=torch.float32,
+                output_loading_info=True,
+            )
+            missing = list(info.get("missing_keys", []))
+            if missing:
+                raise ValueError(
+                    f"the weights in {cfg.path} lack {len(missing)} tensors the model needs "
+                    f"(first: {sorted(missing)[:3]}); check that config.json matches them"
+                )
+            log.info("model=hf: loaded %s weights from %s", config.model_type, cfg.path)
+        else:
+            hf_model = AutoModelForCausalLM.from_config(
+                config, attn_implementation=ATTN_IMPLEMENTATION, dtype=torch.float32
+            )
+            log.info("model=hf: no weights in %s, random init (seed %d)", cfg.path, seed)
+    attach_varlen_attention(hf_model, cfg.attn_backend)
+    param_dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
+    return HFCausalLM(cfg, hf_model.to(device=device, dtype=param_dtype))
+
+
+register_hf_config_resolver()
+
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "ATTN_META_KWARG",
+    "HFCausalLM",
+    "attach_varlen_attention",
+    "build_hf_model",
+    "check_model_config",
+    "check_seq_len",
+    "hf_config_value",
+    "hf_model_config",
+    "load_hf_config",
+    "longtrain_varlen_attention",
+    "model_fields",
+    "register_attention",
+    "register_hf_config_resolver",
+]

@@ -1,0 +1,261 @@
+"""Export a longtrain model to a Hugging Face directory that `transformers` loads.
+
+    python -m longtrain.model.hf_export RUN_DIR_OR_CHECKPOINT OUT_DIR [--dtype bfloat16]
+
+Our `Transformer` is a Llama: it becomes `config.json` (a `LlamaConfig`) and
+`model.safetensors` under HF's names. RoPE needs no permutation: ours is the rotate-half
+convention with inv_freq = theta^(-2i/E), which is what HF's Llama computes (its q/k
+weights are stored in that layout, so they are copied as they are). Tied embeddings: no
+`lm_head.weight` and `tie_word_embeddings: true`. A `model=hf` run is saved with
+`save_pretrained` of the trained transformers model (its own family and names).
+
+The exported directory is also a valid `model=hf model.path=OUT_DIR`, so training can
+continue in either form.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from longtrain.config import RunConfig
+from longtrain.model.hf import HFCausalLM
+from longtrain.model.llama import Transformer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+# Our parameter names -> HF Llama's, per decoder layer.
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn.wq.weight": "self_attn.q_proj.weight",
+    "attn.wk.weight": "self_attn.k_proj.weight",
+    "attn.wv.weight": "self_attn.v_proj.weight",
+    "attn.wo.weight": "self_attn.o_proj.weight",
+    "mlp_norm.weight": "post_attention_layernorm.weight",
+    "mlp.w1.weight": "mlp.gate_proj.weight",
+    "mlp.w3.weight": "mlp.up_proj.weight",
+    "mlp.w2.weight": "mlp.down_proj.weight",
+}
+_TOP_NAMES = {
+    "embed.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+def hf_name(name: str) -> str:
+    """The HF Llama name of our parameter `name` (e.g. layers.3.attn.wq.weight ->
+    model.layers.3.self_attn.q_proj.weight). Raises KeyError for a name we do not map."""
+    if name in _TOP_NAMES:
+        return _TOP_NAMES[name]
+    prefix, index, rest = name.split(".", 2)
+    if prefix != "layers" or rest not in _LAYER_NAMES:
+        raise KeyError(f"no Hugging Face name for parameter {name!r}")
+    return f"model.layers.{index}.{_LAYER_NAMES[rest]}"
+
+
+def llama_config(
+    model: Transformer,
+    max_position_embeddings: int,
+    dtype: torch.dtype,
+    special_tokens: dict[str, int | None] | None = None,
+):
+    """The `transformers.LlamaConfig` describing `model`; `special_tokens` may give
+    bos_token_id / eos_token_id / pad_token_id (default: none declared)."""
+    from transformers import LlamaConfig
+
+    cfg = model.cfg
+    return LlamaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.dim,
+        intermediate_size=cfg.ffn_dim,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads,
+        head_dim=cfg.head_dim or cfg.dim // cfg.n_heads,
+        hidden_act="silu",
+        max_position_embeddings=max_position_embeddings,
+        rms_norm_eps=cfg.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rope_theta)},
+        tie_word_embeddings=cfg.tie_embeddings,
+        attention_bias=False,
+        mlp_bias=False,
+        attention_dropout=0.0,
+        initializer_range=cfg.init_std,
+        dtype=str(dtype).removeprefix("torch."),
+        architectures=["LlamaForCausalLM"],
+        **{
+            "bos_token_id": None,
+            "eos_token_id": None,
+            "pad_token_id": None,
+            **(special_tokens or {}),
+        },
+    )
+
+
+def export_llama(
+    model: Transformer,
+    out_dir: str | Path,
+    *,
+    max_position_embeddings: int,
+    dtype: torch.dtype | None = None,
+    special_tokens: dict[str, int | None] | None = None,
+) -> Path:
+    """Write `model` to `out_dir` as a HF Llama (config.json + model.safetensors).
+
+    `max_position_embeddings`: the context length to declare (the run's data.seq_len, say);
+    `dtype`: of the stored weights (default: the model's); `special_tokens`: bos_token_id /
+    eos_token_id / pad_token_id of the tokenizer the model was trained with. Returns `out_dir`.
+    """
+    from safetensors.torch import save_file
+
+    if not isinstance(model, Transformer):
+        raise TypeError(f"export_llama takes a longtrain Transformer, got {type(model).__name__}")
+    dtype = dtype or model.embed.weight.dtype
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {
+        hf_name(name): p.detach().to(device="cpu", dtype=dtype).contiguous()
+        for name, p in model.named_parameters()  # a tied output is not a parameter of its own
+    }
+    config = llama_config(model, max_position_embeddings, dtype, special_tokens)
+    config.save_pretrained(str(out_dir))
+    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    return out_dir
+
+
+def export_hf_model(model: HFCausalLM, out_dir: str | Path, dtype: torch.dtype | None = None):
+    """Save a trained `model=hf` model with transformers' own `save_pretrained` (weights in
+    `dtype`, default the model's; tied weights stay tied). The model itself is not changed."""
+    hf = model.hf
+    out_dir = Path(out_dir)
+    dtype = dtype or model.output_weight().dtype
+    converted: dict[int, torch.Tensor] = {}  # storage -> converted copy, so ties stay visible
+    state = {}
+    for name, t in hf.state_dict().items():
+        if t.data_ptr() not in converted:
+            converted[t.data_ptr()] = t.detach().to(device="cpu", dtype=dtype)
+        state[name] = converted[t.data_ptr()]
+    use_cache = hf.config.use_cache
+    hf.config.use_cache = True  # we train without a KV cache; generation wants it back
+    try:
+        hf.save_pretrained(str(out_dir), state_dict=state)
+    finally:
+        hf.config.use_cache = use_cache
+    # save_pretrained records the dtype of the model's parameters, not of the state we gave it.
+    config_path = out_dir / "config.json"
+    config = json.loads(config_path.read_text())
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return out_dir
+
+
+# --------------------------------------------------------------------------------------------
+# From a checkpoint on disk
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
+    """(run directory, checkpoint directory) for a run directory (its newest complete
+    checkpoint) or a checkpoint directory `<run>/checkpoints/step_XXXXXXXX`."""
+    from longtrain.checkpoint import check_checkpoint, complete_checkpoints
+
+    path = Path(path)
+    if (path / "config.yaml").is_file():
+        found = complete_checkpoints(path / "checkpoints")
+        if not found:
+            raise FileNotFoundError(f"{path} has no complete checkpoint under checkpoints/")
+        run_dir, ckpt = path, found[-1]
+    else:
+        run_dir, ckpt = path.parent.parent, path
+        if not (run_dir / "config.yaml").is_file():
+            raise FileNotFoundError(
+                f"{path} is neither a run directory (with config.yaml) nor a checkpoint "
+                "inside one (<run>/checkpoints/step_XXXXXXXX)"
+            )
+    check_checkpoint(ckpt)
+    return run_dir, ckpt
+
+
+def load_run_config(run_dir: str | Path) -> RunConfig:
+    """The resolved config a run saved as `<run_dir>/config.yaml`."""
+    saved = OmegaConf.load(Path(run_dir) / "config.yaml")
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), saved))
+
+
+def load_checkpoint_model(path: str | Path) -> tuple[torch.nn.Module, RunConfig]:
+    """The model of a run's checkpoint (see `resolve_checkpoint`), on CPU, with its run config.
+    Works in a single process without a process group, whatever layout the run used."""
+    import torch.distributed.checkpoint as dcp
+
+    from longtrain.model import build_model
+
+    run_dir, ckpt = resolve_checkpoint(path)
+    cfg = load_run_config(run_dir)
+    model = build_model(cfg.model, seed=cfg.train.seed)
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=str(ckpt))
+    model.load_state_dict(state["model"])
+    return model, cfg
+
+
+def export_checkpoint(
+    path: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None
+) -> Path:
+    """Export the model of a checkpoint (or of a run's newest one) to `out_dir`."""
+    model, cfg = load_checkpoint_model(path)
+    if isinstance(model, HFCausalLM):
+        return export_hf_model(model, out_dir, dtype)
+    return export_llama(
+        model,
+        out_dir,
+        max_position_embeddings=cfg.data.seq_len,
+        dtype=dtype,
+        special_tokens=store_special_tokens(cfg.data.store_dir),
+    )
+
+
+def store_special_tokens(store_dir: str | Path) -> dict[str, int | None]:
+    """bos/eos/pad ids of the token store the run trained on (none if it is gone)."""
+    from longtrain.data.token_store import TokenStore
+
+    try:
+        store = TokenStore.open(store_dir, check_tokens=False)
+    except (FileNotFoundError, ValueError):
+        return {}
+    return {
+        "bos_token_id": store.bos_id,
+        "eos_token_id": store.eos_id,
+        "pad_token_id": store.pad_id,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m longtrain.model.hf_export",
+        description="Export a longtrain checkpoint to a Hugging Face model directory.",
+    )
+    parser.add_argument("checkpoint", help="run directory (newest checkpoint) or checkpoint dir")
+    parser.add_argument("out_dir", help="directory to write config.json + model.safetensors")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="stored dtype")
+    args = parser.parse_args(argv)
+    out = export_checkpoint(args.checkpoint, args.out_dir, DTYPES.get(args.dtype))
+    print(f"exported {args.checkpoint} -> {out}")
+
+
+if __name__ == "__main__":
+    main()
+
+__all__ = [
+    "export_checkpoint",
+    "export_hf_model",
+    "export_llama",
+    "hf_name",
+    "llama_config",
+    "load_checkpoint_model",
+    "load_run_config",
+    "resolve_checkpoint",
+]
