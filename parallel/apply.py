@@ -38,6 +38,9 @@ class SPAttention(nn.Module):
         self.ulysses_group, self.ring_group = ulysses_group, ring_group
         self.stats = stats
 
+    # Collectives inside custom autograd Functions do not trace; a compiled block runs
+    # this call eagerly (one graph break per layer) instead of failing.
+    @torch.compiler.disable
     def forward(
         self,
         q: torch.Tensor,

@@ -78,19 +78,19 @@ class _SeqToHeads(torch.autograd.Function):
         all_to_all(group, recv_PThD, send_PThD, stats)  # (T/P, H, D) -> (T, H/P, D), q k v
         qkv_ThD = recv_PThD.view(P * Tl, hq + 2 * hk, D)  # sources in rank order = sequence
         ctx.group, ctx.stats, ctx.dims = group, stats, (P, Tl, Hq, k_TKD.shape[1], hq, hk, D)
+        ctx.dtype, ctx.device = q_THD.dtype, q_THD.device
         return qkv_ThD[:, :hq], qkv_ThD[:, hq : hq + hk], qkv_ThD[:, hq + hk :]
 
     @staticmethod
     def backward(ctx, dq_ThD, dk_ThD, dv_ThD):
         P, Tl, Hq, Hkv, hq, hk, D = ctx.dims
-        send_ThD = dq_ThD.new_zeros((P * Tl, hq + 2 * hk, D))
+        send_ThD = torch.empty((P * Tl, hq + 2 * hk, D), dtype=ctx.dtype, device=ctx.device)
         for lo, hi, grad in (
             (0, hq, dq_ThD),
             (hq, hq + hk, dk_ThD),
             (hq + hk, hq + 2 * hk, dv_ThD),
         ):
-            if grad is not None:
-                send_ThD[:, lo:hi] = grad
+            send_ThD[:, lo:hi] = 0 if grad is None else grad
         recv_PThD = torch.empty_like(send_ThD).view(P, Tl, hq + 2 * hk, D)
         all_to_all(ctx.group, recv_PThD, send_ThD.view(P, Tl, hq + 2 * hk, D), ctx.stats)
         # (T, H/P, D) -> (T/P, H, D): chunk j holds head group j of our T/P tokens.
