@@ -114,9 +114,24 @@ def _lse_from_op(lse_NHL: torch.Tensor) -> torch.Tensor:
     return lse_NHL.transpose(0, 1).reshape(lse_NHL.shape[1], -1)
 
 
+def _one_call(plan: _Plan, T: int, S: int):
+    """The (Lq, Lk, causal) of the single op call covering every query and key row in order
+    (one document, or equal documents), else None; then the op's outputs are the results."""
+    if plan.no_key_q or plan.unseen_k or plan.prefix or len(plan.main) != 1:
+        return None
+    ((lq, lk, piece_causal), starts), *_ = plan.main.items()
+    in_order = all(q0 == i * lq and k0 == i * lk for i, (q0, k0) in enumerate(starts))
+    return (lq, lk, piece_causal) if in_order and len(starts) * lq == T else None
+
+
 def _cpu_flash_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale):
     plan = _Plan(cu_seqlens_q, cu_seqlens_k, causal)
     H, T = q.shape[1], q.shape[0]
+    if one := _one_call(plan, T, k.shape[0]):  # no output copy: [N, H, L, D] is [T, H, D]
+        n = T // one[0]
+        q_, k_, v_ = (x.view(n, -1, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
+        o_NHLD, lse_NHL = _CPU_FLASH_FWD(q_, k_, v_, 0.0, one[2], scale=scale)
+        return _from_op(o_NHLD), _lse_from_op(lse_NHL)
     out_THD = torch.full_like(q, float("nan"))
     lse_HT = q.new_full((H, T), float("nan"), dtype=_compute_dtype(q.dtype))
     for q0, q1 in plan.no_key_q:
@@ -144,6 +159,13 @@ def _cpu_flash_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale):
 
 def _cpu_flash_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal, scale):
     plan = _Plan(cu_seqlens_q, cu_seqlens_k, causal)
+    lse = lse.to(_compute_dtype(q.dtype))
+    if one := _one_call(plan, q.shape[0], k.shape[0]):  # no gradient copies
+        n = q.shape[0] // one[0]
+        ops = (x.view(n, -1, *x.shape[1:]).transpose(1, 2) for x in (dout, q, k, v, out))
+        lse_NHL = lse.view(lse.shape[0], n, -1).transpose(0, 1)
+        grads = _CPU_FLASH_BWD(*ops, lse_NHL, 0.0, one[2], scale=scale)
+        return tuple(_from_op(g) for g in grads)
     dq_THD = torch.full_like(q, float("nan"))
     dk_SKD, dv_SKD = torch.full_like(k, float("nan")), torch.full_like(v, float("nan"))
     for q0, q1 in plan.no_key_q:
@@ -151,7 +173,6 @@ def _cpu_flash_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal, 
     for k0, k1 in plan.unseen_k:
         dk_SKD[k0:k1] = 0
         dv_SKD[k0:k1] = 0
-    lse = lse.to(_compute_dtype(q.dtype))
     pieces = [(key, starts, False) for key, starts in plan.main.items()]
     pieces += [((lq, lk, False), starts, True) for (lq, lk), starts in plan.prefix.items()]
     for (lq, lk, piece_causal), starts, is_prefix in pieces:

@@ -33,6 +33,8 @@ CASES = [
     ([3, 10, 20, 1], [9, 10, 61, 130], 4, 1, 64),  # Lq < Lk: bottom-right; GQA 4
     ([9, 7, 7, 7], [4, 7, 7, 7], 2, 1, 16),  # Lq > Lk; equal docs batched into one call
     ([5, 5, 6, 6], [12, 12, 6, 6], 6, 3, 40),  # several Lq < Lk docs of one shape
+    ([45], [45], 4, 2, 40),  # one document: one op call, its outputs returned as they are
+    ([7, 7, 7], [7, 7, 7], 2, 1, 16),  # equal documents: the same single call
 ]
 
 
@@ -154,14 +156,14 @@ def test_gradcheck_T9_H2_K1_D4(causal):
     assert torch.autograd.gradcheck(lambda *x: attn_varlen(*x, *meta, causal), (q, k, v))
 
 
+@pytest.mark.parametrize("lq", [[6, 11], [17]], ids=["T17-docs2", "T17-docs1"])
 @pytest.mark.parametrize("impl", ["public", "blockwise"])
-def test_softmax_scale_and_noncontiguous_inputs(impl):
+def test_softmax_scale_and_noncontiguous_inputs(impl, lq):
     # q, k, v as strided views of one fused projection, as a model produces them.
-    lq = [6, 11]
     gen = torch.Generator().manual_seed(3)
     qkv = torch.randn(17, 4 + 2 + 2, 8, generator=gen, dtype=torch.float64)
     q, k, v = qkv[:, :4], qkv[:, 4:6], qkv[:, 6:]
-    meta = (_cu(lq), _cu(lq), 11, 11)
+    meta = (_cu(lq), _cu(lq), 17, 17)
     fwd, bwd = (attn_varlen_fwd, attn_varlen_bwd) if impl == "public" else IMPLS[impl]
     backend = ("torch",) if impl == "public" else ()
     out, lse = fwd(q, k, v, *meta, True, 0.3, *backend)
