@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# Start longtrain under torchrun on this machine, or on this node of several.
+#
+#   launch/run.sh [hydra overrides...]
+#   NGPU=8 MAX_RESTARTS=2 LOG_RANKS=0 RUN_DIR=runs/llama-1m launch/run.sh experiment=demo_cpu
+#
+# Settings are variables of this script; the trainer never reads them (it gets arguments):
+#   NGPU           processes on this node (default: the visible GPUs, else 2)
+#   NNODES         nodes in the job (default 1)
+#   RDZV_ENDPOINT  host:port of the c10d rendezvous, the same on every node (multi-node)
+#   MASTER_ADDR, MASTER_PORT, NODE_RANK
+#                  a static rendezvous instead of c10d: every node names node 0's address
+#                  and a port, and its own rank 0..NNODES-1
+#   RDZV_ID        rendezvous id, the same on every node (default: the run directory's name)
+#   MAX_RESTARTS   restarts of the whole worker group after a rank fails (default 0); when
+#                  above 0, `train.resume=auto` is passed so a restart continues from the newest
+#                  complete checkpoint (an explicit train.resume=... override still wins)
+#   LOG_RANKS      local ranks shown on the console, e.g. `0` or `0,3` (default: all); every
+#                  rank's output is also written under $RUN_DIR/logs/
+#   RUN_DIR        the run directory, passed as hydra.run.dir so every rank agrees
+#                  (default runs/<date_time>; required when NNODES > 1)
+#   PYTHON         the interpreter (default: the repository's .venv if present, else python3)
+#   TRAIN_MODULE   the module to run (default longtrain.train)
+#   DRY_RUN=1      print the torchrun command instead of running it
+set -euo pipefail
+
+die() {
+    echo "launch/run.sh: $*" >&2
+    exit 2
+}
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [[ -z "${PYTHON:-}" ]]; then
+    if [[ -x "$REPO/.venv/bin/python" ]]; then PYTHON="$REPO/.venv/bin/python"; else PYTHON=python3; fi
+fi
+
+visible_gpus() {
+    if [[ -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then
+        local ids
+        IFS=',' read -r -a ids <<<"$CUDA_VISIBLE_DEVICES"
+        echo "${#ids[@]}"
+    elif command -v nvidia-smi >/dev/null 2>&1; then
+        nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true
+    else
+        echo 0
+    fi
+}
+
+if [[ -z "${NGPU:-}" ]]; then
+    NGPU=$(visible_gpus)
+    [[ "$NGPU" -gt 0 ]] || NGPU=2  # CPU: two gloo processes
+fi
+NNODES=${NNODES:-1}
+MAX_RESTARTS=${MAX_RESTARTS:-0}
+TRAIN_MODULE=${TRAIN_MODULE:-longtrain.train}
+for name in NGPU NNODES MAX_RESTARTS; do
+    [[ "${!name}" =~ ^[0-9]+$ ]] || die "$name=${!name} is not a whole number"
+done
+[[ "$NGPU" -ge 1 ]] || die "NGPU=$NGPU: need at least one process per node"
+[[ "$NNODES" -ge 1 ]] || die "NNODES=$NNODES: need at least one node"
+
+for arg in "$@"; do
+    case "$arg" in
+        hydra.run.dir=*) die "pass the run directory as RUN_DIR=${arg#hydra.run.dir=}, not as $arg" ;;
+        -m | --multirun) die "$arg: sweeps are launched by Hydra, not torchrun (see docs/launch.md)" ;;
+    esac
+done
+
+if [[ -z "${RUN_DIR:-}" ]]; then
+    # Each node would pick its own time: several nodes must be told one directory.
+    [[ "$NNODES" -eq 1 ]] || die "NNODES=$NNODES: set RUN_DIR to one directory shared by every node"
+    RUN_DIR="runs/$(date +%Y-%m-%d_%H-%M-%S)"
+fi
+RDZV_ID=${RDZV_ID:-$(basename "$RUN_DIR")}
+
+cmd=("$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --nproc_per_node="$NGPU")
+if [[ -n "${RDZV_ENDPOINT:-}" ]]; then
+    cmd+=(--rdzv_backend=c10d --rdzv_endpoint="$RDZV_ENDPOINT" --rdzv_id="$RDZV_ID")
+elif [[ -n "${MASTER_ADDR:-}" ]]; then
+    [[ -n "${MASTER_PORT:-}" ]] || die "MASTER_ADDR=$MASTER_ADDR needs MASTER_PORT (a free port on that host)"
+    [[ -n "${NODE_RANK:-}" ]] || die "MASTER_ADDR=$MASTER_ADDR needs NODE_RANK (0..$((NNODES - 1)))"
+    [[ "$NODE_RANK" =~ ^[0-9]+$ && "$NODE_RANK" -lt "$NNODES" ]] ||
+        die "NODE_RANK=$NODE_RANK must be in 0..$((NNODES - 1))"
+    cmd+=(--node_rank="$NODE_RANK" --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT")
+elif [[ "$NNODES" -eq 1 ]]; then
+    cmd+=(--standalone)  # a local rendezvous on a free port
+else
+    die "NNODES=$NNODES: set RDZV_ENDPOINT=host:port (c10d) or MASTER_ADDR, MASTER_PORT and NODE_RANK"
+fi
+cmd+=(--max-restarts="$MAX_RESTARTS" --log-dir="$RUN_DIR/logs" --tee=3)
+if [[ -n "${LOG_RANKS:-}" ]]; then
+    [[ "$LOG_RANKS" =~ ^[0-9]+(,[0-9]+)*$ ]] || die "LOG_RANKS=$LOG_RANKS: expected local ranks like 0 or 0,3"
+    cmd+=(--local-ranks-filter="$LOG_RANKS")
+fi
+cmd+=(-m "$TRAIN_MODULE" "hydra.run.dir=$RUN_DIR")
+[[ "$MAX_RESTARTS" -eq 0 ]] || cmd+=(train.resume=auto)
+cmd+=("$@")
+
+if [[ "${DRY_RUN:-0}" == 1 ]]; then
+    printf '%q ' "${cmd[@]}"
+    echo
+    exit 0
+fi
+mkdir -p "$RUN_DIR"
+echo "launch/run.sh: $NNODES node(s) x $NGPU process(es), run directory $RUN_DIR" >&2
+exec "${cmd[@]}"

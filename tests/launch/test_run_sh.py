@@ -1,0 +1,120 @@
+"""launch/run.sh: the torchrun command it builds from its settings, the mistakes it refuses,
+and a real two-process start on this machine (with a stand-in for the trainer)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+RUN_SH = REPO / "launch" / "run.sh"
+
+
+def _run_sh(*overrides: str, **settings: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("NGPU", "RUN_DIR", "MASTER_ADDR")}
+    env.update(settings)
+    return subprocess.run(
+        ["bash", str(RUN_SH), *overrides], env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def _dry_run(*overrides: str, **settings: str) -> list[str]:
+    done = _run_sh(*overrides, DRY_RUN="1", **settings)
+    assert done.returncode == 0, done.stderr
+    return shlex.split(done.stdout)
+
+
+def _torchrun_args(cmd: list[str]) -> tuple[list[str], list[str]]:
+    """(torchrun options, trainer arguments after `-m MODULE`)."""
+    assert cmd[1:3] == ["-m", "torch.distributed.run"], cmd
+    module = cmd.index("-m", 3)
+    return cmd[3:module], cmd[module + 2 :]
+
+
+def test_one_machine_with_restarts_and_rank_filter():
+    cmd = _dry_run("model=tiny", "data.source=dir:/my texts", NGPU="3", MAX_RESTARTS="2",
+                   LOG_RANKS="0,2", RUN_DIR="runs/a b")  # fmt: skip
+    assert cmd[0] == str(REPO / ".venv" / "bin" / "python")
+    options, trainer = _torchrun_args(cmd)
+    assert options == [
+        "--nnodes=1",
+        "--nproc_per_node=3",
+        "--standalone",
+        "--max-restarts=2",
+        "--log-dir=runs/a b/logs",
+        "--tee=3",
+        "--local-ranks-filter=0,2",
+    ]
+    # Restarts resume; the user's overrides come last so that they win.
+    assert trainer == ["hydra.run.dir=runs/a b", "train.resume=auto", "model=tiny",
+                       "data.source=dir:/my texts"]  # fmt: skip
+
+
+def test_defaults_pick_a_fresh_run_dir_and_do_not_resume():
+    options, trainer = _torchrun_args(_dry_run(CUDA_VISIBLE_DEVICES="0,1,2,3"))
+    assert "--nproc_per_node=4" in options  # the visible GPUs
+    assert "--max-restarts=0" in options
+    assert not any(o.startswith("--local-ranks-filter") for o in options)
+    assert len(trainer) == 1 and trainer[0].startswith("hydra.run.dir=runs/20")
+
+
+def test_multi_node_rendezvous():
+    c10d, _ = _torchrun_args(
+        _dry_run(NNODES="4", NGPU="8", RDZV_ENDPOINT="node07:29400", RUN_DIR="/shared/run1")
+    )
+    assert c10d[:5] == [
+        "--nnodes=4",
+        "--nproc_per_node=8",
+        "--rdzv_backend=c10d",
+        "--rdzv_endpoint=node07:29400",
+        "--rdzv_id=run1",
+    ]
+    static, _ = _torchrun_args(
+        _dry_run(
+            NNODES="2",
+            NGPU="8",
+            MASTER_ADDR="10.0.0.1",
+            MASTER_PORT="29500",
+            NODE_RANK="1",
+            RUN_DIR="/shared/run1",
+        )  # fmt: skip
+    )
+    assert static[2:5] == ["--node_rank=1", "--master_addr=10.0.0.1", "--master_port=29500"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "settings", "message"),
+    [
+        (["hydra.run.dir=/x"], {}, "pass the run directory as RUN_DIR=/x"),
+        (["-m"], {}, "sweeps are launched by Hydra"),
+        ([], {"NNODES": "2", "RDZV_ENDPOINT": "h:1"}, "set RUN_DIR to one directory"),
+        ([], {"NNODES": "2", "RUN_DIR": "r"}, "set RDZV_ENDPOINT=host:port"),
+        ([], {"NNODES": "2", "RUN_DIR": "r", "MASTER_ADDR": "h", "MASTER_PORT": "1"}, "NODE_RANK"),
+        ([], {"NGPU": "two"}, "NGPU=two is not a whole number"),
+        ([], {"LOG_RANKS": "rank0"}, "LOG_RANKS=rank0"),
+    ],
+)
+def test_mistakes_are_refused_with_the_fix(overrides, settings, message):
+    done = _run_sh(*overrides, DRY_RUN="1", **settings)
+    assert done.returncode == 2
+    assert message in done.stderr
+
+
+@pytest.mark.distributed
+def test_starts_two_processes_that_share_the_run_dir(tmp_path):
+    run_dir = tmp_path / "run"
+    done = _run_sh("a=1", "b=x y", NGPU="2", LOG_RANKS="1", RUN_DIR=str(run_dir),
+                   TRAIN_MODULE="tests.launch.echo_rank", PYTHONPATH=str(REPO))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    seen = [json.loads((run_dir / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [s["env"]["WORLD_SIZE"] for s in seen] == ["2", "2"]
+    assert all(s["argv"] == [f"hydra.run.dir={run_dir}", "a=1", "b=x y"] for s in seen)
+    # The console shows local rank 1 only; both ranks' output is in the run's logs.
+    assert "rank 1 of 2" in done.stdout and "rank 0 of 2" not in done.stdout
+    logs = sorted(p.read_text() for p in run_dir.glob("logs/*/attempt_0/*/stdout.log"))
+    assert logs == ["echo_rank: rank 0 of 2\n", "echo_rank: rank 1 of 2\n"]
