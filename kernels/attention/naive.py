@@ -56,4 +56,6 @@ def attn_naive(
         p_HQK = torch.exp(s_HQK - finite_lse_HQ[..., None])
         outs.append(torch.einsum("hqk,khd->qhd", p_HQK, v_LHD))
         lses.append(lse_HQ.to(lse_dtype))
+    if not outs:  # no documents
+        return q_THD.new_zeros(q_THD.shape), q_THD.new_zeros((q_THD.shape[1], 0), dtype=lse_dtype)
     return torch.cat(outs, dim=0), torch.cat(lses, dim=1)
