@@ -216,6 +216,12 @@ def longtrain_varlen_attention(
             f"a document of {longest} tokens exceeds the sliding window {sliding_window}; "
             "longtrain's attention is full causal (see longtrain.model.hf.check_seq_len)"
         )
+    # Under autocast, HF's float32 RoPE tables promote q and k to float32 while v stays in
+    # the autocast dtype: attend in the autocast dtype, as sdpa under autocast would.
+    device_type = query.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     # (1, H, T, E) -> (T, H, E): a view of the projection's contiguous [T, H*E] output.
     q_THE = query[0].transpose(0, 1).contiguous()
     k_TKE = key[0].transpose(0, 1).contiguous()
@@ -256,6 +262,7 @@ class HFCausalLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.hf = hf_model
+        self.loss_tile_tokens = 4096  # tokens per tile of the loss (train.memory sets it)
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -294,6 +301,7 @@ class HFCausalLM(nn.Module):
             self.output_weight(),
             labels_T,
             loss_weights_T,
+            tile_tokens=self.loss_tile_tokens,
             backend=self.cfg.kernel_backend,
         )
 
