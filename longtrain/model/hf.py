@@ -309,6 +309,25 @@ class HFCausalLM(nn.Module):
         """Materialised logits [T, V] (tests and inference only; training uses the tiled loss)."""
         return hidden_TD @ self.output_weight().t()
 
+    @torch.no_grad()
+    def set_rope_theta(self, theta: float) -> None:
+        """Change the RoPE base (context-length stages): transformers' rotary tables are
+        recomputed from the config with the new theta, by the function its __init__ uses."""
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        config = self.hf.config
+        rotary = self.hf.base_model.rotary_emb
+        config.rope_parameters["rope_theta"] = float(theta)  # also what an export will record
+        rope_type = config.rope_parameters.get("rope_type", "default")
+        init = (
+            rotary.compute_default_rope_parameters
+            if rope_type == "default"
+            else ROPE_INIT_FUNCTIONS[rope_type]
+        )
+        inv_freq, rotary.attention_scaling = init(config)
+        rotary.inv_freq.copy_(inv_freq)
+        rotary.original_inv_freq.copy_(inv_freq)
+
 
 def has_weights(path: str | Path) -> bool:
     """Whether the directory holds weights transformers can load (safetensors or .bin)."""

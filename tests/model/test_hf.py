@@ -269,6 +269,23 @@ def test_memory_stack_applies_unchanged(hf_dirs, memory):
         torch.testing.assert_close(g, g_plain, rtol=1e-12, atol=1e-15)
 
 
+def test_set_rope_theta_equals_a_model_built_with_it(hf_dirs, tmp_path):
+    # Context-length stages change the RoPE base during a run.
+    model = build_model(hf_model_config(hf_dirs["llama"], **F64), seed=0)
+    theta = 2e6
+    config = FAMILIES["llama"]()
+    config.rope_parameters["rope_theta"] = theta
+    other = build_model(hf_model_config(save_hf_model(config, tmp_path / "t"), **F64), seed=0)
+    tokens, _, positions, meta = packed(random_docs([30, 12], seed=7))
+    before = model(tokens, positions, meta)
+    model.set_rope_theta(theta)
+    # Same weights (same init seed), same float32 RoPE tables: identical arithmetic.
+    torch.testing.assert_close(
+        model(tokens, positions, meta), other(tokens, positions, meta), rtol=0, atol=0
+    )
+    assert not torch.allclose(before, other(tokens, positions, meta))
+
+
 def test_config_comes_from_config_json(hf_dirs):
     cfg = load_config(["model=hf", f"model.path={hf_dirs['mistral']}"]).model
     assert (cfg.name, cfg.vocab_size, cfg.dim, cfg.n_layers) == ("hf", VOCAB, 32, 2)
