@@ -1,0 +1,222 @@
+"""Activation checkpointing per block (full or selective) and offload of the checkpointed block
+inputs to host memory.
+
+Legend: T tokens on this rank, D model width.
+
+- full: a block keeps only its inputs (x_TD and position_ids_T); its backward recomputes the
+  whole block first (`torch.utils.checkpoint`, non-reentrant).
+- selective: the same, but the outputs of the attention kernels are kept, so the recompute
+  runs the projections, norms and MLP again and never the attention itself (the costly
+  O(T^2) part). Ops are recognised by name (`ATTENTION_OPS`): the torch backend's CPU flash
+  op, the triton / flash-attn ops and the custom op used under torch.compile.
+- offload: the block inputs that checkpointing keeps (the only activations it keeps, besides
+  the attention outputs of selective) wait in host memory. Non-reentrant checkpointing saves
+  them as saved tensors, so `torch.autograd.graph.saved_tensors_hooks` around the
+  checkpointed call sees exactly them. On CUDA the device-to-host copy runs on a side stream
+  into pinned memory (overlapping the next blocks' forward), and in the backward the inputs
+  of the block before are prefetched on that stream while the current block recomputes.
+  Elsewhere (CPU) the same hooks copy synchronously.
+
+Blocks are changed in place by swapping their class for a subclass (as `fully_shard` does):
+parameter names and state dicts stay those of the plain model, so checkpoints move freely
+between memory settings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+)
+
+AC_MODES = ("none", "full", "selective")
+
+# Attention forward ops whose outputs selective checkpointing keeps, by qualified name.
+ATTENTION_OPS = frozenset(
+    {
+        "aten::_scaled_dot_product_flash_attention_for_cpu",
+        "aten::_scaled_dot_product_flash_attention",
+        "aten::_scaled_dot_product_efficient_attention",
+        "aten::_scaled_dot_product_cudnn_attention",
+        "aten::_flash_attention_forward",
+        "aten::_efficient_attention_forward",
+        "flash_attn::_flash_attn_varlen_forward",
+        "flash_attn::_flash_attn_forward",
+        "longtrain::attn_varlen_fwd",
+        "longtrain::triton_attn_fwd",
+    }
+)
+
+
+def _op_name(func) -> str:
+    schema = getattr(func, "_schema", None)
+    return schema.name if schema is not None else str(func)
+
+
+def _keep_attention(ctx, func, *args, **kwargs) -> CheckpointPolicy:
+    if _op_name(func) in ATTENTION_OPS:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def selective_contexts():
+    """The (forward, recompute) contexts of selective checkpointing: keep attention outputs."""
+    return create_selective_checkpoint_contexts(_keep_attention)
+
+
+# ----------------------------------------------------------------------------------------------
+# Offload of saved block inputs
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Offloaded:
+    """One saved tensor waiting in host memory."""
+
+    host: torch.Tensor
+    device: torch.device
+    group: int  # which checkpointed call packed it (prefetch works group by group)
+    d2h_done: object = None  # torch.cuda.Event on the side stream, CUDA only
+    on_device: torch.Tensor | None = None  # prefetched copy back
+    h2d_done: object = None
+
+
+@dataclass
+class ActivationOffloader:
+    """saved_tensors_hooks that move saved tensors to `host_device` and back.
+
+    host_device: "cpu" (pinned when CUDA is available) in training; the planner passes
+    "meta" so that offloaded tensors leave the simulated device without being allocated.
+    """
+
+    host_device: str = "cpu"
+    _group: int = 0
+    _pending: dict = field(default_factory=dict)  # group -> weak list of records
+    _streams: dict = field(default_factory=dict)  # CUDA device -> side stream
+
+    @contextlib.contextmanager
+    def hooks(self):
+        """Offload every tensor saved inside this context (one group per entry)."""
+        for group in [g for g, records in self._pending.items() if not records]:
+            del self._pending[group]  # groups whose graph died without a backward
+        self._group += 1
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+            yield
+
+    def _side_stream(self, device: torch.device):
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        return self._streams[device]
+
+    def _cuda(self, t: torch.Tensor) -> bool:
+        return t.device.type == "cuda" and torch.cuda.is_available()
+
+    def _pack(self, t: torch.Tensor) -> _Offloaded:
+        host_device = torch.device(self.host_device)
+        if self._cuda(t) and host_device.type == "cpu":
+            stream = self._side_stream(t.device)
+            stream.wait_stream(torch.cuda.current_stream(t.device))
+            host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
+            with torch.cuda.stream(stream):
+                host.copy_(t, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(stream)
+            t.record_stream(stream)  # t's memory is not reused before the copy has read it
+            record = _Offloaded(host, t.device, self._group, d2h_done=done)
+        else:
+            record = _Offloaded(t.to(host_device, copy=True), t.device, self._group)
+        self._pending.setdefault(self._group, weakref.WeakSet()).add(record)
+        return record
+
+    def _fetch(self, record: _Offloaded) -> None:
+        """Start copying `record` back to its device (side stream on CUDA)."""
+        if record.on_device is not None:
+            return
+        if record.d2h_done is None:
+            record.on_device = record.host.to(record.device)
+            return
+        stream = self._side_stream(record.device)
+        with torch.cuda.stream(stream):
+            stream.wait_event(record.d2h_done)
+            record.on_device = record.host.to(record.device, non_blocking=True)
+            record.h2d_done = torch.cuda.Event()
+            record.h2d_done.record(stream)
+
+    def _unpack(self, record: _Offloaded) -> torch.Tensor:
+        self._fetch(record)
+        if record.h2d_done is not None:
+            current = torch.cuda.current_stream(record.device)
+            current.wait_event(record.h2d_done)
+            record.on_device.record_stream(current)
+        # The backward runs blocks in reverse: prefetch the inputs of the block before.
+        for other in list(self._pending.get(record.group - 1, ())):
+            self._fetch(other)
+        self._pending.pop(record.group, None)
+        out, record.on_device = record.on_device, None
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpointed blocks
+# ----------------------------------------------------------------------------------------------
+
+
+class CheckpointedBlockMixin:
+    """Mixed into a block's class by `checkpoint_block`: forward(*args) runs checkpointed."""
+
+    _ac_mode: str = "full"
+    _offloader: ActivationOffloader | None = None
+
+    def forward(self, *args):
+        if not torch.is_grad_enabled():
+            return super().forward(*args)
+        context_fn = selective_contexts if self._ac_mode == "selective" else _no_contexts
+        offload = self._offloader.hooks() if self._offloader is not None else _null()
+        with offload:
+            return checkpoint(super().forward, *args, use_reentrant=False, context_fn=context_fn)
+
+
+def _no_contexts():
+    return contextlib.nullcontext(), contextlib.nullcontext()
+
+
+def _null():
+    return contextlib.nullcontext()
+
+
+_CHECKPOINTED_CLASSES: dict[type, type] = {}
+
+
+def checkpoint_block(
+    block: nn.Module, mode: str, offloader: ActivationOffloader | None = None
+) -> nn.Module:
+    """Checkpoint `block` in place (mode full | selective), optionally offloading its saved
+    inputs with `offloader`. The block's forward must take its inputs positionally."""
+    if mode not in ("full", "selective"):
+        raise ValueError(f"activation checkpoint mode {mode!r}; expected full or selective")
+    cls = type(block)
+    if not isinstance(block, CheckpointedBlockMixin):
+        if cls not in _CHECKPOINTED_CLASSES:
+            name = f"Checkpointed{cls.__name__}"
+            _CHECKPOINTED_CLASSES[cls] = type(name, (CheckpointedBlockMixin, cls), {})
+        block.__class__ = _CHECKPOINTED_CLASSES[cls]
+    block._ac_mode = mode
+    block._offloader = offloader
+    return block
+
+
+__all__ = [
+    "AC_MODES",
+    "ATTENTION_OPS",
+    "ActivationOffloader",
+    "CheckpointedBlockMixin",
+    "checkpoint_block",
+    "selective_contexts",
+]
