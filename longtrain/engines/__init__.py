@@ -1,0 +1,1 @@
+"""Sharded training engines besides FSDP2 (which lives in `longtrain.parallelize`)."""

@@ -1,0 +1,172 @@
+"""`train.engine=deepspeed`: a DeepSpeed ZeRO 1/2/3 engine built from our Hydra config (no
+JSON file), with optional optimizer (and ZeRO-3 parameter) offload to CPU, and the step and
+checkpoint helpers the trainer calls in place of the FSDP2 path.
+
+How it fits the trainer:
+
+- The model arrives parallelised from outside (sequence parallel, memory stack) and not
+  sharded; DeepSpeed shards it over every rank (dp x sp ranks all hold the same weights,
+  as with FSDP2). Parameters stay float32 (float64 on CPU tests); bf16 compute comes from
+  the trainer's autocast, so DeepSpeed runs without its own bf16/fp16 section.
+- The optimizer is ours (`longtrain.optim.build_optimizer`: AdamW, decay on matrices only)
+  and so is the learning-rate schedule: the scheduler steps the client optimizer's groups,
+  which ZeRO keeps.
+- Gradient accumulation is ours: `managed_gradient_accumulation: false`, so each
+  `backward` only accumulates and `step` is the boundary (reduce, clip, update, zero).
+- The loss the trainer backpropagates is already divided by the global count of trained
+  tokens; ZeRO averages gradients over its data-parallel world, so `backward` multiplies by
+  the world size first (exact for powers of two; otherwise one rounding).
+- The tiled loss reads the output projection's weight without calling its module, so under
+  ZeRO-3 it is registered as an external parameter of the root module (gathered for the
+  whole forward and backward of the model, as FSDP2's root group holds it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from longtrain.config import RunConfig
+
+STAGES = (1, 2, 3)
+MODEL_STATES = "mp_rank_00_model_states.pt"  # written by rank 0 into every DeepSpeed checkpoint
+
+
+def validate_deepspeed_config(cfg: RunConfig) -> None:
+    """Raise ValueError naming the setting and the fix."""
+    ds = cfg.train.deepspeed
+    if ds.zero_stage not in STAGES:
+        raise ValueError(f"train.deepspeed.zero_stage={ds.zero_stage}; expected 1, 2 or 3")
+    if ds.offload_params and ds.zero_stage != 3:
+        raise ValueError(
+            f"train.deepspeed.offload_params=true needs zero_stage=3 (got {ds.zero_stage}): "
+            "only ZeRO-3 partitions parameters"
+        )
+    if cfg.train.memory.cpu_offload:
+        raise ValueError(
+            "train.memory.cpu_offload is the FSDP2 switch; with train.engine=deepspeed use "
+            "train.deepspeed.offload_optimizer / offload_params"
+        )
+
+
+def largest_block_numel(model: nn.Module) -> int:
+    """Parameters of the largest transformer block (sizes DeepSpeed's buckets)."""
+    blocks = getattr(model, "layers", [])
+    return max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0)
+
+
+def deepspeed_config(cfg: RunConfig, world_size: int, block_numel: int, on_cuda: bool) -> dict:
+    """The DeepSpeed config dict for `cfg` on `world_size` ranks.
+
+    Buckets and ZeRO-3 live parameters are sized from one block (`block_numel` elements):
+    at most two blocks of gathered parameters at a time, reductions one block at a time;
+    the planner assumes the same.
+    """
+    ds = cfg.train.deepspeed
+    bucket = max(int(block_numel), 1 << 20)
+    zero: dict = {
+        "stage": ds.zero_stage,
+        "overlap_comm": on_cuda,  # no side streams to overlap with on CPU
+        "contiguous_gradients": True,
+        "reduce_bucket_size": bucket,
+        "allgather_bucket_size": bucket,
+    }
+    if ds.zero_stage == 3:
+        zero.update(
+            {
+                "stage3_prefetch_bucket_size": bucket,
+                "stage3_max_live_parameters": 2 * bucket,
+                "stage3_max_reuse_distance": 2 * bucket,
+                "stage3_param_persistence_threshold": 0,  # shard even norm weights
+                "stage3_gather_16bit_weights_on_model_save": False,
+            }
+        )
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_cuda}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": on_cuda}
+    return {
+        "train_batch_size": world_size,  # nominal: batching is ours (see the module docstring)
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "managed_gradient_accumulation": False,
+        "gradient_clipping": float(cfg.optim.grad_clip),  # 0: no clipping
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,  # our AdamW also steps offloaded state
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+class DeepSpeedRun:
+    """The engine plus what the trainer needs from it: backward, step, save, load.
+
+    `engine` is the nn.Module to call for the forward (it runs the model with ZeRO's hooks).
+    """
+
+    def __init__(self, engine, world_size: int) -> None:
+        self.engine = engine
+        self.world_size = world_size
+
+    @property
+    def module(self) -> nn.Module:
+        return self.engine.module
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate the gradients of `loss` (already divided by the global token count)."""
+        self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+
+    def step(self) -> float:
+        """Reduce, clip, update and zero the gradients; returns the gradient norm before
+        clipping (nan when DeepSpeed did not compute one)."""
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float("nan") if norm is None else float(norm)
+
+    def save(self, path: Path) -> None:
+        """Write model and optimizer state (every rank its partition) into directory `path`."""
+        path = Path(path)
+        self.engine.save_checkpoint(str(path.parent), tag=path.name, save_latest=False)
+
+    def load(self, path: Path) -> None:
+        """Restore what `save` wrote at `path` (same world size and ZeRO stage)."""
+        path = Path(path)
+        loaded, _ = self.engine.load_checkpoint(
+            str(path.parent), tag=path.name, load_lr_scheduler_states=False
+        )
+        if loaded is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint to load at {path}")
+
+
+def build_deepspeed(
+    model: nn.Module, optimizer: torch.optim.Optimizer, cfg: RunConfig, world_size: int
+) -> DeepSpeedRun:
+    """Wrap `model` and our `optimizer` in a DeepSpeed engine as `cfg.train.deepspeed` says.
+
+    torch.distributed must already be initialised (torchrun or a test harness); DeepSpeed
+    uses that process group as its data-parallel world.
+    """
+    validate_deepspeed_config(cfg)
+    import deepspeed
+
+    if cfg.train.deepspeed.zero_stage == 3:
+        deepspeed.zero.register_external_parameter(model, model.output_weight())
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    config = deepspeed_config(cfg, world_size, largest_block_numel(model), on_cuda)
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=config, dist_init_required=False
+    )
+    return DeepSpeedRun(engine, world_size)
+
+
+__all__ = [
+    "MODEL_STATES",
+    "DeepSpeedRun",
+    "build_deepspeed",
+    "deepspeed_config",
+    "largest_block_numel",
+    "validate_deepspeed_config",
+]
