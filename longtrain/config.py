@@ -149,6 +149,11 @@ class RunConfig:
 
 def register_configs() -> None:
     """Register the schema so that YAML files are validated against it."""
+    # model=hf reads its shapes from config.json through an OmegaConf resolver; importing
+    # here (not at module top) keeps transformers out of every config import.
+    from longtrain.model.hf import register_hf_config_resolver
+
+    register_hf_config_resolver()
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
 

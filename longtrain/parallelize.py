@@ -11,6 +11,7 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
+import parallel
 from longtrain.config import RunConfig
 from longtrain.distributed import DistEnv
 from longtrain.step import StepContext
@@ -37,10 +38,8 @@ def build_parallel_dims(cfg: RunConfig, env: DistEnv):
     length before any work starts; None for a single process without sequence parallelism."""
     if env.world_size == 1 and cfg.parallel.method == "none":
         return None
-    from parallel import ParallelDims
-
     ulysses, ring = resolve_degrees(cfg, env.world_size)
-    dims = ParallelDims(env.world_size, ulysses=ulysses, ring=ring)
+    dims = parallel.ParallelDims(env.world_size, ulysses=ulysses, ring=ring)
     dims.validate(cfg.model.n_heads, cfg.model.n_kv_heads, cfg.data.seq_len)
     dims.build_mesh(env.device.type)
     return dims
@@ -65,8 +64,6 @@ def parallelize(model: nn.Module, dims, cfg: RunConfig, env: DistEnv, pad_id: in
     sp = dims is not None and dims.sp_size > 1
     # 1. Sequence parallelism: swap every VarlenAttention for its sequence-parallel version.
     if sp:
-        import parallel
-
         parallel.apply(model, dims, cfg.parallel)
     # 2. Activation checkpointing: see the memory issue (train.memory) — nothing yet.
     # 3. Compile each block, so graph breaks stay local.

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+import parallel
 from kernels.attention import VarlenMeta
 from longtrain.data.batch import IGNORE_INDEX, PackedBatch
 from longtrain.distributed import all_reduce_sum
@@ -65,8 +66,6 @@ def shard_micro_batch(mb: PackedBatch, ctx: StepContext) -> LocalBatch:
             attn_meta=meta,
             num_padding=0,
         )
-    import parallel
-
     layout = parallel.shard_packed(mb.cu_seqlens, mb.num_tokens, ctx.dims, ctx.parallel_cfg)
     return LocalBatch(
         tokens=layout.take(mb.tokens, ctx.pad_id).to(dev),

@@ -57,6 +57,12 @@ def _train(cfg: RunConfig, run_dir: Path, env) -> Path:
     store = open_token_store(cfg.data, env)
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = store.vocab_size
+    elif cfg.model.vocab_size < store.vocab_size:
+        raise ValueError(
+            f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the token store's "
+            f"vocabulary ({store.vocab_size}, tokenizer {store.header['tokenizer']}); use the "
+            "model's tokenizer (data.tokenizer=DIR) or model.vocab_size=0"
+        )
     dims = build_parallel_dims(cfg, env)
     if env.is_main:
         save_resolved_config(cfg, run_dir)

@@ -40,6 +40,10 @@ def validate_run_config(cfg: RunConfig, world_size: int) -> None:
         raise ValueError(
             f"logging.wandb.mode={cfg.logging.wandb.mode!r}; expected disabled, offline or online"
         )
+    if cfg.model.name == "hf":
+        from longtrain.model.hf import check_seq_len
+
+        check_seq_len(cfg.model, cfg.data.seq_len)
     if cfg.train.global_batch % max(1, world_size) and cfg.parallel.method == "none":
         raise ValueError(
             f"world size {world_size} does not divide train.global_batch="

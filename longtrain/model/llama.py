@@ -151,10 +151,19 @@ class Transformer(nn.Module):
 
 
 def set_rope_theta(model: nn.Module, theta: float) -> None:
-    """Set the RoPE base of every attention module (context-length stages change it)."""
+    """Set the RoPE base of every attention module (context-length stages change it).
+
+    Models with their own `set_rope_theta` (model=hf) are asked to do it themselves."""
+    if hasattr(model, "set_rope_theta"):
+        model.set_rope_theta(theta)
+        return
+    found = 0
     for module in model.modules():
         if isinstance(module, Attention):
             module.rope_theta = theta
+            found += 1
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no attention whose RoPE base can change")
 
 
 def validate_model_config(cfg: ModelConfig) -> None:
