@@ -36,6 +36,8 @@ from torch.utils.checkpoint import (
     create_selective_checkpoint_contexts,
 )
 
+from longtrain.planner._torch_private import TorchDispatchMode
+
 AC_MODES = ("none", "full", "selective")
 
 # Attention forward ops whose outputs selective checkpointing keeps, by qualified name.
@@ -66,9 +68,39 @@ def _keep_attention(ctx, func, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
+class _CloneAttentionOutputs(TorchDispatchMode):
+    """Hand the program a copy of each attention op's outputs, so that what checkpointing
+    keeps is never changed in place (ring attention merges later blocks into the first
+    block's output); the recompute then gets fresh copies of the kept originals."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if _op_name(func) not in ATTENTION_OPS:
+            return out
+        if isinstance(out, torch.Tensor):
+            return out.clone()
+        return type(out)(t.clone() if isinstance(t, torch.Tensor) else t for t in out)
+
+
+class _Nested:
+    """Enter `outer` then `inner` (inner sees each op first), exit in reverse."""
+
+    def __init__(self, outer, inner):
+        self.outer, self.inner = outer, inner
+
+    def __enter__(self):
+        self.outer.__enter__()
+        self.inner.__enter__()
+
+    def __exit__(self, *exc):
+        self.inner.__exit__(*exc)
+        return self.outer.__exit__(*exc)
+
+
 def selective_contexts():
     """The (forward, recompute) contexts of selective checkpointing: keep attention outputs."""
-    return create_selective_checkpoint_contexts(_keep_attention)
+    forward, recompute = create_selective_checkpoint_contexts(_keep_attention)
+    return _Nested(forward, _CloneAttentionOutputs()), _Nested(recompute, _CloneAttentionOutputs())
 
 
 # ----------------------------------------------------------------------------------------------
