@@ -37,6 +37,19 @@ def _ce_fwd_impl(
 
     Returns (loss [], dhidden [T, D] or [0], dweight [V, D] (compute dtype) or [0],
     ce_T [T] (unweighted CE, 0 where ignored) or [0]); gradients are of the loss sum."""
+    # The precision is chosen here (float32, float64 for float64): an enclosing autocast must
+    # not turn the logits into bf16 or mix dtypes in the gradient GEMMs.
+    with torch.autocast(hidden_TD.device.type, enabled=False):
+        return _ce_tiles(
+            hidden_TD, weight_VD, labels_T, token_weights_T, ignore_index, tile_tokens,
+            want_dhidden, want_dweight, want_dweights,
+        )  # fmt: skip
+
+
+def _ce_tiles(
+    hidden_TD, weight_VD, labels_T, token_weights_T, ignore_index, tile_tokens,
+    want_dhidden, want_dweight, want_dweights,
+):  # fmt: skip
     T, D = hidden_TD.shape
     compute = _compute_dtype(hidden_TD.dtype, weight_VD.dtype)
     w_VD = weight_VD.to(compute)
