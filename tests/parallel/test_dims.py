@@ -65,7 +65,8 @@ def test_groups_need_the_mesh():
 
 def _mesh_worker(rank: int, world_size: int) -> dict:
     out = {}
-    for name, (u, r) in {"u2r2": (2, 2), "u2dp2": (2, 1), "r2dp2": (1, 2)}.items():
+    # Two meshes (group creation costs seconds under gloo): 2-D SP, and Ulysses with dp.
+    for name, (u, r) in {"u2r2": (2, 2), "u2dp2": (2, 1)}.items():
         dims = ParallelDims(world_size, ulysses=u, ring=r)
         dims.build_mesh("cpu")
         out[name] = {
@@ -86,7 +87,6 @@ def test_mesh_keeps_ulysses_on_consecutive_ranks():
     want = {
         "u2r2": {"ulysses": [[0, 1], [0, 1], [2, 3], [2, 3]], "ring": [[0, 2], [1, 3]] * 2},
         "u2dp2": {"ulysses": [[0, 1], [0, 1], [2, 3], [2, 3]], "dp": [[0, 2], [1, 3]] * 2},
-        "r2dp2": {"ring": [[0, 1], [0, 1], [2, 3], [2, 3]], "dp": [[0, 2], [1, 3]] * 2},
     }
     for name, groups in want.items():
         for axis, per_rank in groups.items():
