@@ -100,6 +100,8 @@ def _train(cfg: RunConfig, run_dir: Path, env) -> Path:
             set_rope_theta(model, step_batches.rope_theta)
         record = train_step(model, optimizer, scheduler, step_batches.micro_batches, step_ctx)
         record = _finish_record(record, step, step_batches, cfg, env)
+        if hasattr(model, "sp_comm_stats"):  # SP attention bytes this rank sent and received
+            record.update(model.sp_comm_stats.step_metrics())
         logger.log(record)
         done = step + 1
         if (cfg.train.ckpt_every and done % cfg.train.ckpt_every == 0) or (

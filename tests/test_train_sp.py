@@ -51,6 +51,7 @@ def test_sp_layout_matches_one_process(single, layout):
     for a, b in zip(got, expected):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-9, abs=0)
     assert len(got) == STEPS
+    assert all(r["comm_bytes"] > 0 and r["comm_calls"] > 0 for r in got)
 
 
 @pytest.mark.distributed
