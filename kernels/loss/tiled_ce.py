@@ -83,6 +83,11 @@ def _ce_tiles(
                 dhidden_TD[t0:t1] = (dlogits_tV @ w_VD).to(hidden_TD.dtype)
             if want_dweight:
                 dweight_VD.addmm_(dlogits_tV.t(), h_tD)
+        # Free this tile's [t, V] buffer before the next tile's GEMM allocates its own:
+        # otherwise two tiles are alive at the peak.
+        del logits_tV, probs_tV
+        if want_dhidden or want_dweight:
+            del dlogits_tV
     return loss, dhidden_TD, dweight_VD, ce_out_T
 
 
