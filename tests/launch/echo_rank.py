@@ -16,7 +16,14 @@ from pathlib import Path
 def main(argv: list[str]) -> None:
     """Record argv and torchrun's environment for this rank under hydra.run.dir."""
     run_dir = next(Path(a.split("=", 1)[1]) for a in argv if a.startswith("hydra.run.dir="))
-    env = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    names = (
+        "RANK",
+        "LOCAL_RANK",
+        "WORLD_SIZE",
+        "MASTER_PORT",
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE",
+    )
+    env = {k: os.environ.get(k) for k in names}
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / f"rank{env['RANK']}.json").write_text(json.dumps({"argv": argv, "env": env}))
     print(f"echo_rank: rank {env['RANK']} of {env['WORLD_SIZE']}", flush=True)

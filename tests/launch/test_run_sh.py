@@ -114,6 +114,7 @@ def test_starts_two_processes_that_share_the_run_dir(tmp_path):
     seen = [json.loads((run_dir / f"rank{r}.json").read_text()) for r in range(2)]
     assert [s["env"]["WORLD_SIZE"] for s in seen] == ["2", "2"]
     assert all(s["argv"] == [f"hydra.run.dir={run_dir}", "a=1", "b=x y"] for s in seen)
+    assert all(s["env"]["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1" for s in seen)
     # The console shows local rank 1 only; both ranks' output is in the run's logs.
     assert "rank 1 of 2" in done.stdout and "rank 0 of 2" not in done.stdout
     logs = sorted(p.read_text() for p in run_dir.glob("logs/*/attempt_0/*/stdout.log"))

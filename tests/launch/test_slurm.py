@@ -275,6 +275,7 @@ def test_two_nodes_meet_at_the_rendezvous(shims):
     seen = [json.loads((run_dir / f"rank{r}.json").read_text()) for r in range(2)]
     assert [s["env"]["WORLD_SIZE"] for s in seen] == ["2", "2"]
     assert [s["env"]["LOCAL_RANK"] for s in seen] == ["0", "0"]  # one process per node
+    assert all(s["env"]["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1" for s in seen)
     for s in seen:
         assert s["argv"] == [
             f"hydra.run.dir=runs/longtrain-{JOB_ID}",
