@@ -56,7 +56,8 @@ class StepMonitor:
         exit_on_failure: after reporting an exception in a step, exit the process with status 1
             instead of re-raising (use it when peers would otherwise wait in a collective).
         stream: where messages go (default: sys.stderr at the time of writing).
-        exit_fn: how to exit (os._exit: no cleanup that could block on a broken group).
+        exit_fn: how to exit, after flushing stdout and stderr (default os._exit: no cleanup
+            that could block on a broken process group).
     """
 
     def __init__(
@@ -149,7 +150,14 @@ class StepMonitor:
         if self.exit_on_failure:
             self._write("".join(traceback.format_exception(type(err), err, err.__traceback__)))
             self._write(f"rank {self.rank}: exiting so that the other ranks stop too")
-            self._exit(EXIT_FAILURE)
+            self._exit_now()
+
+    def _exit_now(self) -> None:
+        for stream in (sys.stdout, sys.stderr, self._stream):
+            with contextlib.suppress(Exception):  # a closed stream must not stop the exit
+                if stream is not None:
+                    stream.flush()
+        self._exit(EXIT_FAILURE)
 
     def _main_stack(self) -> str:
         frame = sys._current_frames().get(self._main_thread_id)
@@ -172,7 +180,7 @@ class StepMonitor:
                     f"{op} (limit {self.hang_timeout_s:g} s): exiting so that the job does not "
                     f"hang; where it is stuck:\n{self._main_stack()}"
                 )
-                self._exit(EXIT_FAILURE)
+                self._exit_now()
                 return
             if beat:
                 self._write(

@@ -1,19 +1,23 @@
-"""The trainer with an injected fault, for the elastic-restart test under torchrun.
+"""The trainer with an injected fault, for the restart and hang tests under torchrun.
 
     python -m torch.distributed.run ... -m tests.launch.fault_wrapper \\
         --kill-rank 1 --kill-after-step 5 hydra.run.dir=DIR [overrides...]
+    ... -m tests.launch.fault_wrapper --sleep-rank 1 --sleep-after-step 2 hydra.run.dir=DIR ...
 
 On torchrun's first attempt (TORCHELASTIC_RESTART_COUNT=0) rank `--kill-rank` SIGKILLs itself
-right after step `--kill-after-step` is logged, before any checkpoint of that step; later
-attempts run clean. Rank 0 appends `attempt N` to DIR/attempts.txt at each start.
+once step `--kill-after-step` is done; later attempts run clean. Rank `--sleep-rank` instead
+sleeps `--sleep-s` seconds there (a hang), after writing the time to DIR/sleep_started.
+Rank 0 appends `attempt N` to DIR/attempts.txt at each start.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import longtrain.train as lt_train
@@ -29,9 +33,18 @@ def _kill_after(step: int):
     return callback
 
 
+def _sleep_after(step: int, seconds: float, stamp: Path):
+    def callback(done_step: int, record: dict) -> None:
+        if done_step == step:
+            stamp.write_text(str(time.time()))
+            time.sleep(seconds)
+
+    return callback
+
+
 def _with_step_callbacks(callbacks) -> type[MetricsLogger]:
     """A MetricsLogger that calls `callbacks(step, record)` after logging each step (on every
-    rank). Stands in for a per-step hook of longtrain.train.train until it has one."""
+    rank): the per-step hook for a longtrain.train.train without `step_callbacks`."""
 
     class CallbackLogger(MetricsLogger):
         def log(self, record: dict) -> None:
@@ -45,8 +58,11 @@ def _with_step_callbacks(callbacks) -> type[MetricsLogger]:
 def main(argv: list[str]) -> None:
     """Parse the fault, then train with the remaining Hydra overrides."""
     p = argparse.ArgumentParser()
-    p.add_argument("--kill-rank", type=int, default=-1, help="-1: no fault")
+    p.add_argument("--kill-rank", type=int, default=-1, help="-1: no kill")
     p.add_argument("--kill-after-step", type=int, default=-1)
+    p.add_argument("--sleep-rank", type=int, default=-1, help="-1: no sleep")
+    p.add_argument("--sleep-after-step", type=int, default=-1)
+    p.add_argument("--sleep-s", type=float, default=60.0)
     args, rest = p.parse_known_args(argv)
     run_dirs = [a.split("=", 1)[1] for a in rest if a.startswith("hydra.run.dir=")]
     overrides = [a for a in rest if not a.startswith("hydra.run.dir=")]
@@ -60,8 +76,15 @@ def main(argv: list[str]) -> None:
     callbacks = []
     if attempt == 0 and rank == args.kill_rank:
         callbacks.append(_kill_after(args.kill_after_step))
-    lt_train.MetricsLogger = _with_step_callbacks(callbacks)
-    lt_train.train(lt_train.load_config(overrides), run_dir)
+    if attempt == 0 and rank == args.sleep_rank:
+        stamp = run_dir / "sleep_started"
+        callbacks.append(_sleep_after(args.sleep_after_step, args.sleep_s, stamp))
+    cfg = lt_train.load_config(overrides)
+    if "step_callbacks" in inspect.signature(lt_train.train).parameters:
+        lt_train.train(cfg, run_dir, step_callbacks=callbacks)
+    else:
+        lt_train.MetricsLogger = _with_step_callbacks(callbacks)
+        lt_train.train(cfg, run_dir)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,7 @@ def _launch(
 ) -> subprocess.CompletedProcess:
     env = {
         **os.environ,
+        "PYTHON": sys.executable,
         "NGPU": "2",
         "MAX_RESTARTS": str(restarts),
         "RUN_DIR": str(run_dir),

@@ -7,16 +7,22 @@ import json
 import os
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 RUN_SH = REPO / "launch" / "run.sh"
+RUN_SH_SETTINGS = (  # run.sh's variables: the caller's environment must not leak into a test
+    "NGPU", "NNODES", "RDZV_ENDPOINT", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "RDZV_ID",
+    "MAX_RESTARTS", "LOG_RANKS", "RUN_DIR", "PYTHON", "TRAIN_MODULE", "DRY_RUN",
+    "CUDA_VISIBLE_DEVICES",
+)  # fmt: skip
 
 
 def _run_sh(*overrides: str, **settings: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("NGPU", "RUN_DIR", "MASTER_ADDR")}
+    env = {k: v for k, v in os.environ.items() if k not in RUN_SH_SETTINGS}
     env.update(settings)
     return subprocess.run(
         ["bash", str(RUN_SH), *overrides], env=env, capture_output=True, text=True, timeout=120
@@ -39,7 +45,8 @@ def _torchrun_args(cmd: list[str]) -> tuple[list[str], list[str]]:
 def test_one_machine_with_restarts_and_rank_filter():
     cmd = _dry_run("model=tiny", "data.source=dir:/my texts", NGPU="3", MAX_RESTARTS="2",
                    LOG_RANKS="0,2", RUN_DIR="runs/a b")  # fmt: skip
-    assert cmd[0] == str(REPO / ".venv" / "bin" / "python")
+    venv_python = REPO / ".venv" / "bin" / "python"
+    assert cmd[0] == (str(venv_python) if venv_python.exists() else "python3")
     options, trainer = _torchrun_args(cmd)
     assert options == [
         "--nnodes=1",
@@ -109,7 +116,8 @@ def test_mistakes_are_refused_with_the_fix(overrides, settings, message):
 def test_starts_two_processes_that_share_the_run_dir(tmp_path):
     run_dir = tmp_path / "run"
     done = _run_sh("a=1", "b=x y", NGPU="2", LOG_RANKS="1", RUN_DIR=str(run_dir),
-                   TRAIN_MODULE="tests.launch.echo_rank", PYTHONPATH=str(REPO))  # fmt: skip
+                   TRAIN_MODULE="tests.launch.echo_rank", PYTHONPATH=str(REPO),
+                   PYTHON=sys.executable)  # fmt: skip
     assert done.returncode == 0, done.stderr
     seen = [json.loads((run_dir / f"rank{r}.json").read_text()) for r in range(2)]
     assert [s["env"]["WORLD_SIZE"] for s in seen] == ["2", "2"]

@@ -1,0 +1,66 @@
+"""The trainer under torchrun with one rank hanging after a step: its peer's collective times
+out after train.dist_timeout_s, the peer reports rank, step and operation and exits, and the
+run ends within the timeout plus a margin instead of hanging. Needs the trainer's
+StepMonitor hooks (longtrain.train.train(step_callbacks=...), train.heartbeat_s)."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from longtrain.train import train
+from tests.fixtures import write_text_corpus
+from tests.launch.test_elastic import TINY
+
+REPO = Path(__file__).resolve().parents[2]
+TIMEOUT_S = 5  # train.dist_timeout_s: short, yet far above a tiny step's all_reduce wait
+MARGIN_S = 15  # rank 0's exit, torchrun stopping rank 1 and shutting down, on a loaded machine
+
+pytestmark = pytest.mark.skipif(
+    "step_callbacks" not in inspect.signature(train).parameters,
+    reason="longtrain.train.train has no step_callbacks / StepMonitor hooks yet",
+)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_hang_ends_with_a_report_naming_rank_step_and_op(tmp_path):
+    corpus = write_text_corpus(tmp_path / "corpus", num_docs=60)
+    run_dir = tmp_path / "run"
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "NGPU": "2",
+        "RUN_DIR": str(run_dir),
+        "TRAIN_MODULE": "tests.launch.fault_wrapper",
+        "PYTHONPATH": str(REPO),
+    }
+    overrides = [
+        *TINY,
+        f"data.source=dir:{corpus}",
+        f"data.store_dir={tmp_path / 'store'}",
+        f"train.dist_timeout_s={TIMEOUT_S}",
+        "train.heartbeat_s=1",
+    ]
+    done = subprocess.run(
+        ["bash", str(REPO / "launch" / "run.sh"), "--sleep-rank", "1", "--sleep-after-step", "2",
+         *overrides],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    ended = time.time()
+    text = done.stdout + done.stderr
+    assert done.returncode != 0, text[-3000:]
+    # Rank 0 went on to step 3 and waited for rank 1 in the step's first collective.
+    assert re.search(
+        r"rank 0 failed at step 3 during token counts all_reduce: \w+: .*[Tt]imed? ?out", text
+    ), text[-5000:]
+    assert "rank 1 step 2 still running after" in text  # the stuck rank's heartbeat
+    started = float((run_dir / "sleep_started").read_text())
+    assert ended - started < TIMEOUT_S + MARGIN_S
