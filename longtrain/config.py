@@ -117,6 +117,8 @@ class TrainConfig:
     log_every: int = 1  # console/wandb cadence (metrics.jsonl gets every step)
     peak_tflops: float = 0.0  # per-device peak for MFU; 0: known GPUs only, else no MFU
     dist_timeout_s: int = 600  # collective timeout
+    heartbeat_s: int = 60  # while a step runs longer, each rank prints a line this often (0: off)
+    hang_timeout_s: int = 0  # exit a rank whose step makes no progress for N s (0: off)
     compile: bool = False  # torch.compile each block
 
 

@@ -44,6 +44,7 @@ class MetricsLogger:
         start_step: int,
         run_config: dict,
         experiment: str,
+        log_every: int = 1,
     ) -> None:
         self.is_main = is_main
         self.cfg = cfg
@@ -52,6 +53,7 @@ class MetricsLogger:
         self.png_path = self.run_dir / "metrics.png"
         self.wandb_run = None
         self.bar = None
+        self.log_every = max(1, log_every)  # console postfix and wandb; the file gets every step
         if not is_main:
             return
         self._truncate_after(start_step)
@@ -74,6 +76,10 @@ class MetricsLogger:
             return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        if record["step"] % self.log_every:
+            if self.bar is not None:
+                self.bar.update(1)
+            return
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(

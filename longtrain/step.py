@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -83,14 +84,22 @@ def autocast_context(device: torch.device, dtype: str):
     return contextlib.nullcontext()
 
 
+def _no_mark(op: str) -> None:
+    """The default progress mark: records nothing."""
+
+
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler,
     micro_batches: list[PackedBatch],
     ctx: StepContext,
+    mark: Callable[[str], None] = _no_mark,
 ) -> dict:
-    """Run one optimizer step over this rank's micro-batches; returns global step metrics."""
+    """Run one optimizer step over this rank's micro-batches; returns global step metrics.
+
+    `mark(op)` is called as each operation starts ("forward 1/4", "optimizer", ...), so that a
+    failure or a hang can be reported with it (longtrain.diagnostics.StepMonitor.mark)."""
     t0 = time.perf_counter()
     acc_dtype = torch.float64  # counts and loss sums: exact enough for any batch
     # [trained weight, trained tokens, all tokens, padding tokens, documents, sequences,
@@ -111,38 +120,46 @@ def train_step(
         ],
         dtype=acc_dtype,
     ).sum(0)
+    mark("token counts all_reduce")
     all_reduce_sum(counts, ctx.dp_group)  # sp ranks share their sequences: reduce over dp only
     global_weight = counts[0].item()
     if global_weight <= 0:
         raise RuntimeError("a step with no trained tokens: check seq_len and the data")
 
     loss_sum = torch.zeros((), dtype=acc_dtype, device=ctx.device)
-    for mb in micro_batches:
+    for i, mb in enumerate(micro_batches, 1):
+        mark(f"forward {i}/{len(micro_batches)}")
         local = shard_micro_batch(mb, ctx)
         with autocast_context(ctx.device, ctx.dtype):
             mb_loss = model(
                 local.tokens, local.position_ids, local.attn_meta, local.labels, local.loss_weights
             )
+        mark(f"backward {i}/{len(micro_batches)}")
         (mb_loss / global_weight).backward()
         loss_sum += mb_loss.detach().to(acc_dtype)
 
     if ctx.sync_grads_manually:
+        mark("gradient all_reduce")
         for p in model.parameters():
             if p.grad is not None:
                 all_reduce_sum(p.grad, ctx.world_group)
+    mark("grad clip")
     clip = ctx.grad_clip if ctx.grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=False)
     if hasattr(grad_norm, "full_tensor"):
         grad_norm = grad_norm.full_tensor()
     lr = optimizer.param_groups[0]["lr"]
+    mark("optimizer")
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
 
+    mark("loss all_reduce")
     all_reduce_sum(loss_sum, ctx.world_group)  # every rank's tokens are disjoint
     if ctx.device.type == "cuda":
         torch.cuda.synchronize(ctx.device)
     if dist.is_initialized():
+        mark("end-of-step barrier")
         dist.barrier()  # the step ends when every rank's update is done: honest step time
     step_time = time.perf_counter() - t0
     trained = int(counts[1].item())

@@ -7,6 +7,7 @@ outside), optimizer; resume if asked; then the loop: step, log, checkpoint.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import hydra
@@ -18,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from longtrain.checkpoint import Checkpointer
 from longtrain.config import RunConfig, register_configs
 from longtrain.data.setup import build_loader, open_token_store
+from longtrain.diagnostics import StepMonitor
 from longtrain.distributed import barrier, init_distributed, shutdown
 from longtrain.metrics import MetricsLogger, device_peak_tflops, peak_memory_bytes
 from longtrain.model import build_model, train_flops
@@ -39,16 +41,22 @@ def load_config(overrides: list[str] | None = None) -> RunConfig:
     return OmegaConf.to_object(dcfg)
 
 
-def train(cfg: RunConfig, run_dir: Path) -> Path:
-    """Train as `cfg` says, writing into `run_dir`; returns the run directory used."""
+StepCallback = Callable[[int, dict], None]
+
+
+def train(cfg: RunConfig, run_dir: Path, step_callbacks: Sequence[StepCallback] = ()) -> Path:
+    """Train as `cfg` says, writing into `run_dir`; returns the run directory used.
+
+    Each of `step_callbacks` is called as `callback(step, record)` on every rank once step
+    `step` is done (logged, and checkpointed when due); `record` is its metrics.jsonl line."""
     env = init_distributed(cfg.train.dist_timeout_s)
     try:
-        return _train(cfg, run_dir, env)
+        return _train(cfg, run_dir, env, step_callbacks)
     finally:
         shutdown(env)
 
 
-def _train(cfg: RunConfig, run_dir: Path, env) -> Path:
+def _train(cfg: RunConfig, run_dir: Path, env, step_callbacks: Sequence[StepCallback]) -> Path:
     validate_run_config(cfg, env.world_size)
     torch.manual_seed(cfg.train.seed)
     if cfg.train.deterministic:
@@ -90,24 +98,44 @@ def _train(cfg: RunConfig, run_dir: Path, env) -> Path:
         start_step,
         OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True),
         cfg.experiment,
+        log_every=cfg.train.log_every,
+    )
+    # Heartbeat, failure report naming rank/step/operation, optional hang exit; in a
+    # distributed run a failing rank exits at once so that its peers do not wait.
+    monitor = StepMonitor(
+        env.rank,
+        heartbeat_s=cfg.train.heartbeat_s,
+        hang_timeout_s=cfg.train.hang_timeout_s,
+        exit_on_failure=env.distributed,
     )
     model.train()
     batches = iter(loader)
-    for step in range(start_step, cfg.train.steps):
-        step_batches = next(batches)
-        assert step_batches.step == step, "loader and loop disagree on the step"
-        if step_batches.rope_theta is not None:
-            set_rope_theta(model, step_batches.rope_theta)
-        record = train_step(model, optimizer, scheduler, step_batches.micro_batches, step_ctx)
-        record = _finish_record(record, step, step_batches, cfg, env)
-        if hasattr(model, "sp_comm_stats"):  # SP attention bytes this rank sent and received
-            record.update(model.sp_comm_stats.step_metrics())
-        logger.log(record)
-        done = step + 1
-        if (cfg.train.ckpt_every and done % cfg.train.ckpt_every == 0) or (
-            cfg.train.ckpt_final and done == cfg.train.steps
-        ):
-            ckpt.save(done, model, optimizer, scheduler, loader)
+    with monitor:
+        for step in range(start_step, cfg.train.steps):
+            with monitor.step(step):
+                monitor.mark("data")
+                step_batches = next(batches)
+                assert step_batches.step == step, "loader and loop disagree on the step"
+                if step_batches.rope_theta is not None:
+                    set_rope_theta(model, step_batches.rope_theta)
+                micro_batches = step_batches.micro_batches
+                record = train_step(
+                    model, optimizer, scheduler, micro_batches, step_ctx, mark=monitor.mark
+                )
+                record = _finish_record(record, step, step_batches, cfg, env)
+                if hasattr(model, "sp_comm_stats"):  # SP attention bytes sent and received
+                    record.update(model.sp_comm_stats.step_metrics())
+                monitor.mark("metrics")
+                logger.log(record)
+                done = step + 1
+                if (cfg.train.ckpt_every and done % cfg.train.ckpt_every == 0) or (
+                    cfg.train.ckpt_final and done == cfg.train.steps
+                ):
+                    monitor.mark("checkpoint save")
+                    ckpt.save(done, model, optimizer, scheduler, loader)
+                monitor.mark("step callbacks")
+                for callback in step_callbacks:
+                    callback(step, record)
     barrier(env)
     plot = logger.close()
     if env.is_main:

@@ -13,15 +13,13 @@ Rank 0 appends `attempt N` to DIR/attempts.txt at each start.
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import signal
 import sys
 import time
 from pathlib import Path
 
-import longtrain.train as lt_train
-from longtrain.metrics import MetricsLogger
+from longtrain.train import load_config, train
 
 
 def _kill_after(step: int):
@@ -40,19 +38,6 @@ def _sleep_after(step: int, seconds: float, stamp: Path):
             time.sleep(seconds)
 
     return callback
-
-
-def _with_step_callbacks(callbacks) -> type[MetricsLogger]:
-    """A MetricsLogger that calls `callbacks(step, record)` after logging each step (on every
-    rank): the per-step hook for a longtrain.train.train without `step_callbacks`."""
-
-    class CallbackLogger(MetricsLogger):
-        def log(self, record: dict) -> None:
-            super().log(record)
-            for cb in callbacks:
-                cb(record["step"], record)
-
-    return CallbackLogger
 
 
 def main(argv: list[str]) -> None:
@@ -79,12 +64,7 @@ def main(argv: list[str]) -> None:
     if attempt == 0 and rank == args.sleep_rank:
         stamp = run_dir / "sleep_started"
         callbacks.append(_sleep_after(args.sleep_after_step, args.sleep_s, stamp))
-    cfg = lt_train.load_config(overrides)
-    if "step_callbacks" in inspect.signature(lt_train.train).parameters:
-        lt_train.train(cfg, run_dir, step_callbacks=callbacks)
-    else:
-        lt_train.MetricsLogger = _with_step_callbacks(callbacks)
-        lt_train.train(cfg, run_dir)
+    train(load_config(overrides), run_dir, step_callbacks=callbacks)
 
 
 if __name__ == "__main__":

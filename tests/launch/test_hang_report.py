@@ -5,7 +5,6 @@ StepMonitor hooks (longtrain.train.train(step_callbacks=...), train.heartbeat_s)
 
 from __future__ import annotations
 
-import inspect
 import os
 import re
 import subprocess
@@ -15,18 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from longtrain.train import train
 from tests.fixtures import write_text_corpus
 from tests.launch.test_elastic import TINY
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 5  # train.dist_timeout_s: short, yet far above a tiny step's all_reduce wait
 MARGIN_S = 15  # rank 0's exit, torchrun stopping rank 1 and shutting down, on a loaded machine
-
-pytestmark = pytest.mark.skipif(
-    "step_callbacks" not in inspect.signature(train).parameters,
-    reason="longtrain.train.train has no step_callbacks / StepMonitor hooks yet",
-)
 
 
 @pytest.mark.slow
