@@ -10,20 +10,23 @@ blocks (embedding, final norm, output), O the output projection.
 | engine              | parameters    | gradients (kept)  | optimizer          | communication  |
 |---------------------|---------------|-------------------|--------------------|----------------|
 | none                | P b           | full, as computed | 2 P b (AdamW m, v) | 0              |
-| fsdp2               | S b + R b (1) | S b; R full (2)   | 2 S b              | 2 B b + B b (3)|
-| fsdp2 + cpu_offload | R b           | R full            | 0 (host)           | 2 B b + B b    |
+| fsdp2               | S b + R b (1) | S b (2); R full   | 2 S b              | 4 B b (3)      |
+| fsdp2 + cpu_offload | R b           | R full            | 0 (host)           | 4 B b          |
 | zero1               | P b           | full, as computed | 2 S b + S 4 (4)    | B b (5)        |
 | zero2               | P b           | S b               | 2 S b + S 4        | B b            |
 | zero3               | S b + O b (6) | S b               | 2 S b + S 4        | 2 B b + B b (7)|
 
 (1) FSDP2 keeps the root module's parameters gathered from its forward to the end of its
-backward. (2) and their gradients unsharded until the root's reduce-scatter. (3) two blocks
-gathered (current and prefetched) and one block's unsharded gradients waiting for their
-reduce-scatter. (4) DeepSpeed keeps a float32 master copy of its partition. (5) the gradient
-bucket, sized to one block (`engines.deepspeed_engine.deepspeed_config`). (6) the output
-projection is an external parameter of the root (gathered while the model runs). (7) at
-most two blocks of live parameters plus the reduce bucket. `offload_optimizer` moves the
-optimizer column and the S b gradients to the host; `offload_params` the S b parameters.
+backward, and their gradients unsharded until the root's reduce-scatter. (2) each shard
+appears when its block's gradients are reduce-scattered (the planner allocates it when the
+gradient is accumulated). (3) in the backward: the current block gathered, the next one's
+all-gather output (prefetch), the current block's unsharded gradients, and the previous
+block's reduce-scatter input, which FSDP2 holds until the next reduce-scatter. (4) DeepSpeed
+keeps a float32 master copy of its partition. (5) the gradient bucket, sized to one block
+(`engines.deepspeed_engine.deepspeed_config`). (6) the output projection is an external
+parameter of the root (gathered while the model runs). (7) at most two blocks of live
+parameters plus the reduce bucket. `offload_optimizer` moves the optimizer column and the
+S b gradients to the host; `offload_params` the S b parameters.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ class EngineState:
     host: int  # bytes the engine keeps in host memory (offloaded state), per rank
     keep_full_grads: bool  # gradients stay full on the GPU as autograd makes them
     full_grad_params: set = field(default_factory=set)  # names whose full grads stay anyway
+    grad_shards: dict = field(default_factory=dict)  # name -> shard numel made in the backward
 
     def constants(self) -> dict:
         return {
@@ -82,17 +86,19 @@ def engine_state(cfg: RunConfig, model: nn.Module, world_size: int) -> EngineSta
     if engine == "none":
         return EngineState("none", P * b, 0, 2 * P * b, 0, 0, keep_full_grads=True)
     if engine == "fsdp2":
-        S = sum(math.ceil(s[0] / W) * _numel(s[1:]) for s in shapes.values())
+        shards = {n: math.ceil(s[0] / W) * _numel(s[1:]) for n, s in shapes.items()}
+        S = sum(shards.values())
         offload = cfg.train.memory.cpu_offload
         return EngineState(
             "fsdp2",
             parameters=(0 if offload else S * b) + R * b,
-            gradients=0 if offload else S * b,
+            gradients=0,
             optimizer=0 if offload else 2 * S * b,
-            communication=3 * block * b,
+            communication=4 * block * b,
             host=(S * b + S * b + 2 * S * b) if offload else 0,
             keep_full_grads=False,
             full_grad_params=root,
+            grad_shards={} if offload else {n: k for n, k in shards.items() if n not in root},
         )
     if engine != "deepspeed":
         raise ValueError(f"train.engine={engine!r}; expected fsdp2, deepspeed or none")

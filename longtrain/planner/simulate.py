@@ -10,9 +10,10 @@ the forward (with the tiled loss) and the backward under `MemoryTracker`. Kernel
 their custom-op path, whose fake implementations allocate the outputs only (as flash-attn
 does); workspaces the real kernels add are charged while they run (`workspace_rules`).
 Offloaded block inputs go to the "meta" device: they leave the GPU and are counted as host
-memory. What the engine holds (sharded parameters, optimizer state, gather buffers) comes
-from `engine_state`. Gradients: engines that keep them whole keep what autograd makes;
-sharding engines drop each full gradient as it is accumulated (its shard is a constant).
+memory (planning a CPU run, they stay in the memory being planned). What the engine holds
+(sharded parameters, optimizer state, gather buffers) comes from `engine_state`. Gradients:
+engines that keep them whole keep what autograd makes; sharding engines drop each full
+gradient as it is accumulated (its shard is a constant).
 """
 
 from __future__ import annotations
@@ -225,8 +226,13 @@ class Planner:
             model = Transformer(model_cfg)
             if self.dims is not None:
                 parallel.apply(model, self.dims, self.cfg.parallel)
-            apply_memory(model, self.cfg.train.memory, offload_device=HOST.type)
+            apply_memory(model, self.cfg.train.memory, offload_device=self._offload_device())
         return model
+
+    def _offload_device(self) -> str:
+        """Offloaded block inputs leave a GPU ("meta": host memory, counted apart); a CPU
+        run offloads into the very memory it computes in, so they stay counted."""
+        return HOST.type if self.plan.device == "cuda" else DEVICE.type
 
     def __exit__(self, *exc) -> None:
         self._stack.close()
@@ -265,6 +271,7 @@ class Planner:
                 del loss
                 grads_after = tracker.by_category["gradients"]
         finally:
+            self._shards = {}
             for h in handles:
                 h.remove()
             for p in model.parameters():
@@ -301,16 +308,25 @@ class Planner:
         return (*[layout.take(x, 0) for x in (tokens, positions, labels, weights)], meta)
 
     def _grad_hooks(self, model, tracker: MemoryTracker) -> list:
+        """Keep whole gradients where the engine does; otherwise drop each as it is
+        accumulated (reduced into the engine's shard), making the shard when the engine makes
+        it in the backward (FSDP2) or counting it as a constant (DeepSpeed)."""
         keep_all = self.engine.keep_full_grads
+        self._shards = {}  # name -> stand-in of the engine's gradient shard
         handles = []
         for name, p in model.named_parameters():
             keep = keep_all or name in self.engine.full_grad_params
+            # With accumulation the shards exist from the micro-batch before (`_result`).
+            shard = 0 if self.num_micro > 1 else self.engine.grad_shards.get(name, 0)
 
-            def hook(param, keep=keep):
+            def hook(param, keep=keep, name=name, shard=shard):
                 if keep:
                     tracker.relabel(param.grad, "gradients")
-                else:
-                    param.grad = None  # reduced into the engine's shard (a constant)
+                    return
+                if shard and name not in self._shards:
+                    self._shards[name] = param.grad.new_empty(shard)
+                    tracker.relabel(self._shards[name], "gradients")
+                param.grad = None
 
             handles.append(p.register_post_accumulate_grad_hook(hook))
         return handles
@@ -328,6 +344,9 @@ class Planner:
         constants = self.engine.constants()
         if self._accumulates_full_grads():
             constants["gradients"] += self.param_bytes
+        if self.num_micro > 1:
+            elem = 8 if self.cfg.model.dtype == "float64" else 4
+            constants["gradients"] += sum(self.engine.grad_shards.values()) * elem
         fixed = sum(constants.values())
         dyn_peak, dyn_split, where = dyn.peak()
         breakdown = {c: dyn_split.get(c, 0) + constants.get(c, 0) for c in CATEGORIES}

@@ -106,12 +106,17 @@ class MemoryTracker(TorchDispatchMode):
         if rule is not None:
             self._check_peak(rule(func, args, kwargs), self.phase)
         out = func(*args, **kwargs)
+        inputs = _tensors(args) + _tensors(list(kwargs.values()))
         collective = func.namespace in COLLECTIVE_NAMESPACES
         if collective:  # in-place collectives write into their arguments
-            for t in _tensors(args):
+            for t in inputs:
                 self.relabel(t, "communication")
+        # Views and in-place results share an input's storage: not an allocation (a view of
+        # a parameter must not count the parameter).
+        seen = {id(t.untyped_storage()) for t in inputs}
         for t in _tensors(out):
-            self._add(t, "communication" if collective else self.phase)
+            if id(t.untyped_storage()) not in seen:
+                self._add(t, "communication" if collective else self.phase)
         return out
 
 
