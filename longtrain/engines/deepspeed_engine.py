@@ -23,15 +23,17 @@ How it fits the trainer:
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from longtrain.config import RunConfig
 
 STAGES = (1, 2, 3)
-MODEL_STATES = "mp_rank_00_model_states.pt"  # written by rank 0 into every DeepSpeed checkpoint
+STATE_MARKER = "deepspeed.json"  # rank 0 writes it once DeepSpeed's own files are saved
 
 
 def validate_deepspeed_config(cfg: RunConfig) -> None:
@@ -107,9 +109,10 @@ class DeepSpeedRun:
     `engine` is the nn.Module to call for the forward (it runs the model with ZeRO's hooks).
     """
 
-    def __init__(self, engine, world_size: int) -> None:
+    def __init__(self, engine, world_size: int, zero_stage: int) -> None:
         self.engine = engine
         self.world_size = world_size
+        self.zero_stage = zero_stage
 
     @property
     def module(self) -> nn.Module:
@@ -126,14 +129,29 @@ class DeepSpeedRun:
         norm = self.engine.get_global_grad_norm()
         return float("nan") if norm is None else float(norm)
 
+    def _layout(self) -> dict:
+        return {"world_size": self.world_size, "zero_stage": self.zero_stage}
+
     def save(self, path: Path) -> None:
-        """Write model and optimizer state (every rank its partition) into directory `path`."""
+        """Write model and optimizer state (every rank its partition) into directory `path`,
+        then `STATE_MARKER` (from rank 0) naming the layout it needs."""
         path = Path(path)
         self.engine.save_checkpoint(str(path.parent), tag=path.name, save_latest=False)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            (path / STATE_MARKER).write_text(json.dumps(self._layout()) + "\n")
 
     def load(self, path: Path) -> None:
-        """Restore what `save` wrote at `path` (same world size and ZeRO stage)."""
+        """Restore what `save` wrote at `path`; the world size and ZeRO stage must match."""
         path = Path(path)
+        marker = path / STATE_MARKER
+        if not marker.is_file():
+            raise ValueError(f"{path} is not a DeepSpeed checkpoint (no {STATE_MARKER})")
+        saved = json.loads(marker.read_text())
+        if saved != self._layout():
+            raise ValueError(
+                f"{path} was saved with {saved}; this run has {self._layout()}: DeepSpeed "
+                "checkpoints resume on the same world size and ZeRO stage"
+            )
         loaded, _ = self.engine.load_checkpoint(
             str(path.parent), tag=path.name, load_lr_scheduler_states=False
         )
@@ -159,11 +177,11 @@ def build_deepspeed(
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=config, dist_init_required=False
     )
-    return DeepSpeedRun(engine, world_size)
+    return DeepSpeedRun(engine, world_size, cfg.train.deepspeed.zero_stage)
 
 
 __all__ = [
-    "MODEL_STATES",
+    "STATE_MARKER",
     "DeepSpeedRun",
     "build_deepspeed",
     "deepspeed_config",

@@ -171,3 +171,14 @@ def test_bad_settings_are_refused(stage, offload_params, cpu_offload, message):
     cfg.train.memory.cpu_offload = cpu_offload
     with pytest.raises(ValueError, match=message):
         validate_deepspeed_config(cfg)
+
+
+def test_checkpoint_layout_is_checked_before_loading(tmp_path):
+    from longtrain.engines.deepspeed_engine import STATE_MARKER, DeepSpeedRun
+
+    run = DeepSpeedRun(engine=None, world_size=2, zero_stage=3)  # load checks come first
+    with pytest.raises(ValueError, match="is not a DeepSpeed checkpoint"):
+        run.load(tmp_path)
+    (tmp_path / STATE_MARKER).write_text('{"world_size": 4, "zero_stage": 3}')
+    with pytest.raises(ValueError, match="resume on the same world size and ZeRO stage"):
+        run.load(tmp_path)

@@ -1,5 +1,5 @@
-"""train.engine=fsdp2 with the memory stack under Ulysses or ring sp=2 equals one plain process, through
-the trainer's own step (`longtrain.step.train_step`) and FSDP2 wrapping."""
+"""train.engine=fsdp2 with the memory stack under Ulysses or ring sp=2 equals one plain
+process, through the trainer's own step (`longtrain.step.train_step`) and FSDP2 wrapping."""
 
 import pytest
 import torch
