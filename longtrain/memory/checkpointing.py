@@ -201,18 +201,22 @@ class ActivationOffloader:
 
 
 class CheckpointedBlockMixin:
-    """Mixed into a block's class by `checkpoint_block`: forward(*args) runs checkpointed."""
+    """Mixed into a block's class by `checkpoint_block`: forward(*args, **kwargs) runs
+    checkpointed. Offload moves the positional tensor inputs (what checkpointing saves);
+    keyword tensors are held by the recomputation as they are."""
 
     _ac_mode: str = "full"
     _offloader: ActivationOffloader | None = None
 
-    def forward(self, *args):
+    def forward(self, *args, **kwargs):
         if not torch.is_grad_enabled():
-            return super().forward(*args)
+            return super().forward(*args, **kwargs)
         context_fn = selective_contexts if self._ac_mode == "selective" else _no_contexts
         offload = self._offloader.hooks() if self._offloader is not None else _null()
         with offload:
-            return checkpoint(super().forward, *args, use_reentrant=False, context_fn=context_fn)
+            return checkpoint(
+                super().forward, *args, use_reentrant=False, context_fn=context_fn, **kwargs
+            )
 
 
 def _no_contexts():
@@ -230,7 +234,7 @@ def checkpoint_block(
     block: nn.Module, mode: str, offloader: ActivationOffloader | None = None
 ) -> nn.Module:
     """Checkpoint `block` in place (mode full | selective), optionally offloading its saved
-    inputs with `offloader`. The block's forward must take its inputs positionally."""
+    inputs with `offloader` (its positional tensor inputs: pass the activations positionally)."""
     if mode not in ("full", "selective"):
         raise ValueError(f"activation checkpoint mode {mode!r}; expected full or selective")
     cls = type(block)
