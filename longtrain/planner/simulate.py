@@ -152,6 +152,11 @@ class Planner:
     def __init__(self, cfg: RunConfig, plan: PlanConfig, exact_layers: bool = False) -> None:
         if plan.device not in ("cuda", "cpu"):
             raise ValueError(f"plan.device={plan.device!r}; expected cuda or cpu")
+        if cfg.model.name == "hf":
+            raise ValueError(
+                "the planner simulates longtrain's own Transformer; for a model=hf run, plan "
+                "the same shapes with model=llama3_8b-style fields (dim, n_layers, heads, ffn_dim)"
+            )
         if cfg.train.engine not in ("fsdp2", "deepspeed", "none"):
             raise ValueError(f"train.engine={cfg.train.engine!r}; expected fsdp2, deepspeed, none")
         validate_memory_config(cfg.train.memory)
