@@ -22,6 +22,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from longtrain.distributed import DistEnv, barrier, broadcast_object
+from longtrain.engines.deepspeed_engine import STATE_MARKER
 
 _NAME = re.compile(r"^step_(\d{8})$")
 
@@ -61,7 +62,8 @@ def check_checkpoint(path: Path) -> None:
     """Raise CheckpointError unless `path` looks like a complete checkpoint."""
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist")
-    for needed in (".metadata", "extra.pt"):
+    state = STATE_MARKER if (path / STATE_MARKER).is_file() else ".metadata"
+    for needed in (state, "extra.pt"):
         if not (path / needed).is_file():
             raise CheckpointError(
                 f"checkpoint {path} is incomplete or corrupt (no {needed}); delete it or pass "
@@ -70,10 +72,11 @@ def check_checkpoint(path: Path) -> None:
 
 
 class Checkpointer:
-    def __init__(self, run_dir: Path, env: DistEnv, keep_last: int) -> None:
+    def __init__(self, run_dir: Path, env: DistEnv, keep_last: int, engine=None) -> None:
         self.root = Path(run_dir) / "checkpoints"
         self.env = env
         self.keep_last = keep_last
+        self.engine = engine  # a DeepSpeedRun saves and loads model and optimizer itself
 
     def resolve(self, resume: str) -> Path | None:
         """The checkpoint to resume from: `none`, `auto` (newest complete one, or none) or a
@@ -99,8 +102,11 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         barrier(self.env)
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        if self.engine is not None:
+            self.engine.save(tmp)
+        else:
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
         rngs = [None] * self.env.world_size
         if self.env.distributed:
             dist.all_gather_object(rngs, rng_state())
@@ -125,18 +131,24 @@ class Checkpointer:
 
     def load(self, path: Path, model, optimizer, scheduler, loader) -> int:
         """Restore everything saved at `path`; returns the number of steps already done."""
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
         try:
-            dcp.load(state, checkpoint_id=str(path))
+            if self.engine is not None:
+                self.engine.load(path)
+            else:
+                model_sd, optim_sd = get_state_dict(model, optimizer)
+                state = {"model": model_sd, "optim": optim_sd}
+                dcp.load(state, checkpoint_id=str(path))
+                set_state_dict(
+                    model,
+                    optimizer,
+                    model_state_dict=state["model"],
+                    optim_state_dict=state["optim"],
+                )
             extra = torch.load(path / "extra.pt", weights_only=False)
         except Exception as err:  # any reader error means the files are unusable
             raise CheckpointError(
                 f"cannot read checkpoint {path}: {err}; delete it or resume from an older one"
             ) from err
-        set_state_dict(
-            model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
-        )
         scheduler.load_state_dict(extra["scheduler"])
         loader.load_state_dict(extra["loader"])
         if extra["world_size"] == self.env.world_size:

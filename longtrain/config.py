@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
 
+from longtrain.planner.config import PlanConfig
+
 
 @dataclass
 class ModelConfig:
@@ -146,6 +148,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)  # python -m longtrain.plan
     experiment: str = "default"  # name used for grouping runs (wandb group, run labels)
 
 

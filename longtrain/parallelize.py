@@ -9,11 +9,18 @@ from __future__ import annotations
 
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    FSDPModule,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+)
 
 import parallel
 from longtrain.config import RunConfig
 from longtrain.distributed import DistEnv
+from longtrain.memory import apply_memory
 from longtrain.step import StepContext
 
 
@@ -65,7 +72,9 @@ def parallelize(model: nn.Module, dims, cfg: RunConfig, env: DistEnv, pad_id: in
     # 1. Sequence parallelism: swap every VarlenAttention for its sequence-parallel version.
     if sp:
         parallel.apply(model, dims, cfg.parallel)
-    # 2. Activation checkpointing: see the memory issue (train.memory) — nothing yet.
+    # 2. The memory stack (train.memory): tiled MLP, loss tile size, activation
+    #    checkpointing with offload of the checkpointed block inputs.
+    apply_memory(model, cfg.train.memory)
     # 3. Compile each block, so graph breaks stay local.
     if cfg.train.compile:
         for block in model.layers:
@@ -73,7 +82,7 @@ def parallelize(model: nn.Module, dims, cfg: RunConfig, env: DistEnv, pad_id: in
     # 4. FSDP2 over every rank: dp x sp ranks all hold replicas of the same weights.
     fsdp = env.world_size > 1 and cfg.train.engine == "fsdp2"
     if fsdp:
-        _apply_fsdp2(model, env, cfg.model.dtype)
+        _apply_fsdp2(model, env, cfg.model.dtype, cfg.train.memory.cpu_offload)
     ctx = StepContext(
         device=env.device,
         dtype=cfg.model.dtype,
@@ -83,18 +92,22 @@ def parallelize(model: nn.Module, dims, cfg: RunConfig, env: DistEnv, pad_id: in
         parallel_cfg=cfg.parallel,
         dp_group=dims.dp_group if dims is not None else None,
         world_group=None,
-        sync_grads_manually=env.world_size > 1 and not fsdp,
+        sync_grads_manually=env.world_size > 1 and cfg.train.engine == "none",
     )
     return model, ctx
 
 
-def _apply_fsdp2(model: nn.Module, env: DistEnv, dtype: str) -> None:
+def _apply_fsdp2(model: nn.Module, env: DistEnv, dtype: str, cpu_offload: bool = False) -> None:
     mesh = init_device_mesh(env.device.type, (env.world_size,), mesh_dim_names=("fsdp",))
     # bf16 compute comes from autocast; gradients reduce in the parameters' dtype (fp32/fp64).
     mp = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=None)
+    # cpu_offload: sharded parameters, gradients and optimizer state live on the host.
+    offload = (
+        CPUOffloadPolicy(pin_memory=env.device.type == "cuda") if cpu_offload else OffloadPolicy()
+    )
     for block in model.layers:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
+        fully_shard(block, mesh=mesh, mp_policy=mp, offload_policy=offload)
+    fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             # The loss is already divided by the global token count: sum, do not average.

@@ -33,6 +33,7 @@ class StepContext:
     dp_group: object | None = None  # process group over which batches differ
     world_group: object | None = None  # process group over which local loss sums add up
     sync_grads_manually: bool = False  # world > 1 without a sharded engine
+    engine: object | None = None  # a DeepSpeedRun (train.engine=deepspeed): backward and update
 
 
 @dataclass
@@ -135,24 +136,19 @@ def train_step(
                 local.tokens, local.position_ids, local.attn_meta, local.labels, local.loss_weights
             )
         mark(f"backward {i}/{len(micro_batches)}")
-        (mb_loss / global_weight).backward()
+        if ctx.engine is None:
+            (mb_loss / global_weight).backward()
+        else:
+            ctx.engine.backward(mb_loss / global_weight)
         loss_sum += mb_loss.detach().to(acc_dtype)
 
-    if ctx.sync_grads_manually:
-        mark("gradient all_reduce")
-        for p in model.parameters():
-            if p.grad is not None:
-                all_reduce_sum(p.grad, ctx.world_group)
-    mark("grad clip")
-    clip = ctx.grad_clip if ctx.grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=False)
-    if hasattr(grad_norm, "full_tensor"):
-        grad_norm = grad_norm.full_tensor()
     lr = optimizer.param_groups[0]["lr"]
-    mark("optimizer")
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    if ctx.engine is not None:
+        mark("optimizer (deepspeed)")
+        grad_norm = ctx.engine.step()  # reduce, clip, update and zero the gradients
+        scheduler.step()
+    else:
+        grad_norm = _update(model, optimizer, scheduler, ctx, mark)
 
     mark("loss all_reduce")
     all_reduce_sum(loss_sum, ctx.world_group)  # every rank's tokens are disjoint
@@ -179,3 +175,22 @@ def train_step(
         # Mean number of earlier tokens a token attends to: sum l(l-1)/2 / sum l.
         "avg_context": (counts[6].item() - real_tokens) / max(real_tokens, 1),
     }
+
+
+def _update(model, optimizer, scheduler, ctx: StepContext, mark) -> torch.Tensor:
+    """Synchronise (replicas), clip, step and zero the gradients; returns the norm."""
+    if ctx.sync_grads_manually:
+        mark("gradient all_reduce")
+        for p in model.parameters():
+            if p.grad is not None:
+                all_reduce_sum(p.grad, ctx.world_group)
+    mark("grad clip")
+    clip = ctx.grad_clip if ctx.grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=False)
+    if hasattr(grad_norm, "full_tensor"):
+        grad_norm = grad_norm.full_tensor()
+    mark("optimizer")
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm

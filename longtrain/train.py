@@ -21,6 +21,7 @@ from longtrain.config import RunConfig, register_configs
 from longtrain.data.setup import build_loader, open_token_store
 from longtrain.diagnostics import StepMonitor
 from longtrain.distributed import barrier, init_distributed, shutdown
+from longtrain.engines.deepspeed_engine import build_deepspeed
 from longtrain.metrics import MetricsLogger, device_peak_tflops, peak_memory_bytes
 from longtrain.model import build_model, train_flops
 from longtrain.model.llama import set_rope_theta
@@ -80,9 +81,12 @@ def _train(cfg: RunConfig, run_dir: Path, env, step_callbacks: Sequence[StepCall
     model, step_ctx = parallelize(model, dims, cfg, env, pad_id=store.pad_id)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+    if cfg.train.engine == "deepspeed":
+        step_ctx.engine = build_deepspeed(model, optimizer, cfg, env.world_size)
+        model = step_ctx.engine.engine  # the forward runs through DeepSpeed's hooks
     loader = build_loader(store, cfg, dims, env)
 
-    ckpt = Checkpointer(run_dir, env, cfg.train.keep_last)
+    ckpt = Checkpointer(run_dir, env, cfg.train.keep_last, engine=step_ctx.engine)
     start_step = 0
     resume_from = ckpt.resolve(cfg.train.resume)
     if resume_from is not None:

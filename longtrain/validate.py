@@ -4,6 +4,8 @@ the value and the fix. (Mesh and head divisibility live in `parallel.ParallelDim
 from __future__ import annotations
 
 from longtrain.config import RunConfig
+from longtrain.engines.deepspeed_engine import validate_deepspeed_config
+from longtrain.memory import validate_memory_config
 
 DTYPES = ("float32", "bfloat16", "float64")
 METHODS = ("none", "ulysses", "ring", "usp")
@@ -34,6 +36,9 @@ def validate_run_config(cfg: RunConfig, world_size: int) -> None:
         )
     if cfg.train.engine not in ("fsdp2", "deepspeed", "none"):
         raise ValueError(f"train.engine={cfg.train.engine!r}; expected fsdp2, deepspeed or none")
+    validate_memory_config(cfg.train.memory)
+    if cfg.train.engine == "deepspeed":
+        validate_deepspeed_config(cfg)
     if cfg.train.resume not in ("none", "auto") and not cfg.train.resume:
         raise ValueError("train.resume must be none, auto or a checkpoint directory")
     if cfg.logging.wandb.mode not in ("disabled", "offline", "online"):

@@ -98,6 +98,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.kernel_backend)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.loss_tile_tokens = 4096  # tokens per loss tile (train.memory.loss_tile_tokens)
 
     def output_weight(self) -> torch.Tensor:
         """The [V, D] output projection (the embedding when tied)."""
@@ -129,6 +130,7 @@ class Transformer(nn.Module):
             self.output_weight(),
             labels_T,
             loss_weights_T,
+            tile_tokens=self.loss_tile_tokens,
             backend=self.cfg.kernel_backend,
         )
 

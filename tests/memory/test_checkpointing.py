@@ -184,11 +184,6 @@ def test_bad_settings_are_refused(memory, message):
         _stacked(**memory)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="integration pending: Transformer.forward must pass tile_tokens="
-    "self.loss_tile_tokens to linear_cross_entropy (apply_memory sets the attribute)",
-)
 def test_loss_tile_tokens_reaches_the_tiled_loss(monkeypatch):
     import longtrain.model.llama as llama
 

@@ -232,18 +232,7 @@ def test_autocast_attends_in_the_autocast_dtype(hf_dirs):
     torch.testing.assert_close(mixed.float(), full, rtol=0, atol=5e-2)
 
 
-MEMORY = [
-    dict(mlp_tiles=3, loss_tile_tokens=7),
-    pytest.param(
-        dict(activation_checkpoint="full"),
-        marks=pytest.mark.xfail(
-            strict=True,
-            raises=TypeError,
-            reason="CheckpointedBlockMixin.forward takes positional inputs only; HF decoder "
-            "layers get keyword arguments (the fix passes **kwargs to checkpoint)",
-        ),
-    ),
-]
+MEMORY = [dict(mlp_tiles=3, loss_tile_tokens=7), dict(activation_checkpoint="full")]
 
 
 @pytest.mark.parametrize("memory", MEMORY, ids=["mlp_and_loss_tiles", "activation_checkpoint"])
