@@ -1,7 +1,19 @@
-"""Shared pytest fixtures (kept minimal)."""
+"""Shared pytest fixtures (kept minimal).
+
+Without a GPU, Triton kernels run through Triton's CPU interpreter. `triton.jit` reads
+TRITON_INTERPRET when a kernel is defined, i.e. when a kernel module is first imported, and
+the model imports kernel modules: so it is set here, in the root conftest, which pytest loads
+before any test module (tests/kernels/triton/conftest.py alone comes too late once another
+directory's tests imported the model). With a GPU nothing is set.
+"""
+
+import os
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture
