@@ -112,34 +112,40 @@ def _train(cfg: RunConfig, run_dir: Path, env, step_callbacks: Sequence[StepCall
         hang_timeout_s=cfg.train.hang_timeout_s,
         exit_on_failure=env.distributed,
     )
+
+    def one_step(step: int) -> None:
+        """Read, train, log, checkpoint and call back for optimizer step `step`."""
+        monitor.mark("data")
+        step_batches = next(batches)
+        assert step_batches.step == step, "loader and loop disagree on the step"
+        if step_batches.rope_theta is not None:
+            set_rope_theta(model, step_batches.rope_theta)
+        micro_batches = step_batches.micro_batches
+        record = train_step(model, optimizer, scheduler, micro_batches, step_ctx, mark=monitor.mark)
+        record = _finish_record(record, step, step_batches, cfg, env)
+        if hasattr(model, "sp_comm_stats"):  # SP attention bytes sent and received
+            record.update(model.sp_comm_stats.step_metrics())
+        monitor.mark("metrics")
+        logger.log(record)
+        done = step + 1
+        if (cfg.train.ckpt_every and done % cfg.train.ckpt_every == 0) or (
+            cfg.train.ckpt_final and done == cfg.train.steps
+        ):
+            monitor.mark("checkpoint save")
+            ckpt.save(done, model, optimizer, scheduler, loader)
+        monitor.mark("step callbacks")
+        for callback in step_callbacks:
+            callback(step, record)
+
     model.train()
     batches = iter(loader)
-    with monitor:
-        for step in range(start_step, cfg.train.steps):
-            with monitor.step(step):
-                monitor.mark("data")
-                step_batches = next(batches)
-                assert step_batches.step == step, "loader and loop disagree on the step"
-                if step_batches.rope_theta is not None:
-                    set_rope_theta(model, step_batches.rope_theta)
-                micro_batches = step_batches.micro_batches
-                record = train_step(
-                    model, optimizer, scheduler, micro_batches, step_ctx, mark=monitor.mark
-                )
-                record = _finish_record(record, step, step_batches, cfg, env)
-                if hasattr(model, "sp_comm_stats"):  # SP attention bytes sent and received
-                    record.update(model.sp_comm_stats.step_metrics())
-                monitor.mark("metrics")
-                logger.log(record)
-                done = step + 1
-                if (cfg.train.ckpt_every and done % cfg.train.ckpt_every == 0) or (
-                    cfg.train.ckpt_final and done == cfg.train.steps
-                ):
-                    monitor.mark("checkpoint save")
-                    ckpt.save(done, model, optimizer, scheduler, loader)
-                monitor.mark("step callbacks")
-                for callback in step_callbacks:
-                    callback(step, record)
+    try:
+        with monitor:
+            for step in range(start_step, cfg.train.steps):
+                with monitor.step(step):
+                    one_step(step)
+    finally:
+        loader.close()  # stop the prefetch thread, also when a step failed
     barrier(env)
     plot = logger.close()
     if env.is_main:
