@@ -60,7 +60,6 @@ def _losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in map(json.loads, lines)]
 
 
-@pytest.mark.slow
 @pytest.mark.distributed
 def test_killed_rank_restarts_and_resumes_exactly(tmp_path):
     corpus = write_text_corpus(tmp_path / "corpus", num_docs=60)

@@ -22,7 +22,6 @@ TIMEOUT_S = 5  # train.dist_timeout_s: short, yet far above a tiny step's all_re
 MARGIN_S = 15  # rank 0's exit, torchrun stopping rank 1 and shutting down, on a loaded machine
 
 
-@pytest.mark.slow
 @pytest.mark.distributed
 def test_hang_ends_with_a_report_naming_rank_step_and_op(tmp_path):
     corpus = write_text_corpus(tmp_path / "corpus", num_docs=60)

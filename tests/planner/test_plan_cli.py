@@ -41,7 +41,6 @@ def test_nothing_fits_exits_2_with_the_reason(tmp_path):
     assert not (tmp_path / "plan.json").exists()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("ulysses", [8, 4])
 def test_llama3_8b_1m_recipe_end_to_end(tmp_path, ulysses):
     out = _plan(tmp_path, "experiment=llama3_8b_1m_sp8", f"parallel.ulysses={ulysses}")
