@@ -481,7 +481,6 @@ def run_torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize(("method", "family"), [("ulysses", "qwen2"), ("ring", "llama")])
 def test_sequence_parallel_losses_equal_one_process(tmp_path, hf_dirs, corpus, method, family):
