@@ -36,8 +36,8 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from kernels.attention import VarlenAttention
-from kernels.loss import linear_cross_entropy
 from longtrain.config import ModelConfig
+from longtrain.model.llama import TiledLossHead
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +250,7 @@ def attach_varlen_attention(hf_model: nn.Module, backend: str) -> int:
 # The wrapper
 
 
-class HFCausalLM(nn.Module):
+class HFCausalLM(TiledLossHead, nn.Module):
     """A transformers causal LM behind the interface of `longtrain.model.Transformer`.
 
     `hf` is the transformers model (its state dict keys are HF's under the prefix `hf.`);
@@ -293,21 +293,7 @@ class HFCausalLM(nn.Module):
             use_cache=False,
             **{ATTN_META_KWARG: attn_meta},
         )
-        hidden_TD = out.last_hidden_state[0]
-        if labels_T is None:
-            return hidden_TD
-        return linear_cross_entropy(
-            hidden_TD,
-            self.output_weight(),
-            labels_T,
-            loss_weights_T,
-            tile_tokens=self.loss_tile_tokens,
-            backend=self.cfg.kernel_backend,
-        )
-
-    def logits(self, hidden_TD: torch.Tensor) -> torch.Tensor:
-        """Materialised logits [T, V] (tests and inference only; training uses the tiled loss)."""
-        return hidden_TD @ self.output_weight().t()
+        return self.loss_head(out.last_hidden_state[0], labels_T, loss_weights_T)
 
     @torch.no_grad()
     def set_rope_theta(self, theta: float) -> None:

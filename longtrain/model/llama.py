@@ -87,7 +87,34 @@ class Block(nn.Module):
         return x_TD + self.mlp(self.mlp_norm(x_TD))
 
 
-class Transformer(nn.Module):
+class TiledLossHead:
+    """The output head both decoders share (ours and model=hf). Needs `output_weight()`,
+    `cfg.kernel_backend` and `loss_tile_tokens` (set by train.memory.loss_tile_tokens)."""
+
+    def loss_head(
+        self,
+        hidden_TD: torch.Tensor,
+        labels_T: torch.Tensor | None,
+        loss_weights_T: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """hidden [T, D] when `labels_T` is None, else the weighted loss sum, in tiles."""
+        if labels_T is None:
+            return hidden_TD
+        return linear_cross_entropy(
+            hidden_TD,
+            self.output_weight(),
+            labels_T,
+            loss_weights_T,
+            tile_tokens=self.loss_tile_tokens,
+            backend=self.cfg.kernel_backend,
+        )
+
+    def logits(self, hidden_TD: torch.Tensor) -> torch.Tensor:
+        """Materialised logits [T, V] (tests and inference only; training uses the tiled loss)."""
+        return hidden_TD @ self.output_weight().t()
+
+
+class Transformer(TiledLossHead, nn.Module):
     """Embedding -> N blocks -> final norm. `forward` returns hidden states, not logits."""
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -122,21 +149,7 @@ class Transformer(nn.Module):
         x_TD = self.embed(tokens_T)
         for layer in self.layers:
             x_TD = layer(x_TD, position_ids_T, attn_meta)
-        hidden_TD = self.norm(x_TD)
-        if labels_T is None:
-            return hidden_TD
-        return linear_cross_entropy(
-            hidden_TD,
-            self.output_weight(),
-            labels_T,
-            loss_weights_T,
-            tile_tokens=self.loss_tile_tokens,
-            backend=self.cfg.kernel_backend,
-        )
-
-    def logits(self, hidden_TD: torch.Tensor) -> torch.Tensor:
-        """Materialised logits [T, V] (tests and inference only; training uses the tiled loss)."""
-        return hidden_TD @ self.output_weight().t()
+        return self.loss_head(self.norm(x_TD), labels_T, loss_weights_T)
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
