@@ -6,11 +6,16 @@ YAML under `configs/` only selects and overrides these; an unknown key anywhere 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
 
+from longtrain.errors import ConfigError
 from longtrain.planner.config import PlanConfig
+
+EMBEDDED_STORE_DIR = "data_cache/stdlib-byte"  # the embedded corpus' store (default data)
 
 
 @dataclass
@@ -43,10 +48,15 @@ class StageConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "stdlib"  # stdlib | dir:PATH | jsonl:PATH (each file / line one document)
-    store_dir: str = "data_cache/stdlib-byte"  # token store location (built if missing)
-    tokenizer: str = "byte"  # byte | path to a local Hugging Face tokenizer directory
+    # Where the tokens come from (see longtrain/data/setup.py): with a source named, the store
+    # at store_dir is built from it (or reused, or rebuilt when its inputs changed); with none,
+    # the store at store_dir is used as it is, except the embedded corpus' own store
+    # (EMBEDDED_STORE_DIR), which is built from the standard library on first use.
+    source: str = ""  # "" (none named) | stdlib | dir:PATH | jsonl:PATH (a file / line a document)
+    store_dir: str = EMBEDDED_STORE_DIR  # token store location
+    tokenizer: str = ""  # "": the store's own (byte when building) | byte | local HF tokenizer dir
     limit_docs: int = 0  # 0: all documents; else the first N (deterministic order)
+    replace_store: bool = False  # allow replacing a store at store_dir built from another source
     seq_len: int = 512  # tokens per packed sequence
     packing: str = "best_fit"  # concat_chunk | best_fit | decomposition (variable length)
     shuffle: bool = True  # shuffle sequences each epoch (seeded by train.seed)
@@ -82,7 +92,7 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     weight_decay: float = 0.1  # applied to matrices only, not norms or biases
-    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    grad_clip: float | None = 1.0  # max global grad norm; 0 or null: no clipping
 
 
 @dataclass
@@ -110,7 +120,9 @@ class TrainConfig:
     micro_batch: int = 0  # sequences (of data.seq_len tokens) per forward; 0: all (no accumulation)
     ckpt_every: int = 0  # save a checkpoint every N steps (0: only at the end if ckpt_final)
     ckpt_final: bool = True  # save a checkpoint after the last step
-    keep_last: int = 2  # complete checkpoints to keep
+    keep_last: int = 2  # verified checkpoints to keep (0: all); a failing one never counts
+    ckpt_checksums: bool = True  # sha256 of every checkpoint file, written at save, checked at load
+    skip_nonfinite: bool = False  # a non-finite loss/grad norm skips the update (default: stop)
     resume: str = "none"  # none | auto (newest complete checkpoint in the run dir) | PATH
     deterministic: bool = False  # torch.use_deterministic_algorithms
     engine: str = "fsdp2"  # fsdp2 (when world size > 1) | deepspeed | none (replicas)
@@ -152,6 +164,34 @@ class RunConfig:
     experiment: str = "default"  # name used for grouping runs (wandb group, run labels)
 
 
+def _unknown_keys(node: object, prefix: str) -> list[str]:
+    """Attributes of schema objects that the schema does not declare (added with `+key=`)."""
+    if isinstance(node, list):
+        return [k for i, item in enumerate(node) for k in _unknown_keys(item, f"{prefix}[{i}]")]
+    if not dataclasses.is_dataclass(node):
+        return []
+    declared = {f.name for f in dataclasses.fields(node)}
+    found = [f"{prefix}{k}" for k in vars(node) if k not in declared]
+    for name in declared:
+        found += _unknown_keys(getattr(node, name), f"{prefix}{name}.")
+    return found
+
+
+def to_run_config(dcfg: DictConfig) -> RunConfig:
+    """The typed run config of a composed Hydra config; a key the schema lacks is an error.
+
+    Hydra lets `+train.foo=1` add keys even to a structured config, and `OmegaConf.to_object`
+    keeps them as extra attributes: refused here, so a misspelled key never goes unnoticed."""
+    cfg = OmegaConf.to_object(dcfg)
+    unknown = _unknown_keys(cfg, "")
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(unknown)}: not in the schema (longtrain/config.py);"
+            " check the spelling (`python -m longtrain.train --cfg job` prints every key)"
+        )
+    return cfg
+
+
 def register_configs() -> None:
     """Register the schema so that YAML files are validated against it."""
     # model=hf reads its shapes from config.json through an OmegaConf resolver; importing
@@ -164,6 +204,7 @@ def register_configs() -> None:
 
 
 __all__ = [
+    "EMBEDDED_STORE_DIR",
     "DataConfig",
     "DeepSpeedConfig",
     "LoggingConfig",
@@ -176,4 +217,5 @@ __all__ = [
     "TrainConfig",
     "WandbConfig",
     "register_configs",
+    "to_run_config",
 ]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +24,10 @@ import hydra
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from longtrain.config import RunConfig, register_configs
+from longtrain.config import RunConfig, register_configs, to_run_config
+from longtrain.errors import LongtrainError, report_errors
 from longtrain.planner.config import PlanConfig
 from longtrain.planner.search import PlanError, budget_bytes, find_max_seq_len
 from longtrain.planner.simulate import GIB, Planner, StepMemory
@@ -54,7 +54,7 @@ def load_plan_config(overrides: list[str] | None = None):
     register_plan_schema()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         dcfg = compose("config", overrides=list(overrides or []))
-    return OmegaConf.to_object(dcfg)
+    return to_run_config(dcfg)
 
 
 def _point(m: StepMemory) -> dict:
@@ -138,19 +138,22 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="config")
-def _main(dcfg: DictConfig) -> None:
-    cfg = OmegaConf.to_object(dcfg)
+def _plan_and_write(dcfg: DictConfig) -> None:
+    cfg = to_run_config(dcfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         report = make_plan(cfg)
-    except (PlanError, ValueError) as err:
-        print(f"plan: {err}", file=sys.stderr)
-        sys.exit(2)
+    except PlanError as err:  # nothing fits: a user-facing answer like a bad value
+        raise LongtrainError(str(err)) from err
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "plan.json").write_text(json.dumps(report, indent=2) + "\n")
     print(format_table(report))
     print(f"wrote {run_dir / 'plan.json'} ({report['elapsed_s']} s)")
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="config")
+def _main(dcfg: DictConfig) -> None:
+    report_errors("plan", lambda: _plan_and_write(dcfg))
 
 
 def main() -> None:
