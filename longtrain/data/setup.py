@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Any
 
-from longtrain.config import DataConfig, RunConfig
+from longtrain.config import EMBEDDED_STORE_DIR, DataConfig, RunConfig
 from longtrain.data.curriculum import Stage
 from longtrain.data.decomposition import decompose
 from longtrain.data.loader import PackedLoader
 from longtrain.data.packing import best_fit, concat_chunk
-from longtrain.data.prepare import prepare
+from longtrain.data.prepare import prepare, store_source
 from longtrain.data.schedule import (
     DecompositionSchedule,
     FixedLengthSchedule,
@@ -17,25 +19,109 @@ from longtrain.data.schedule import (
     StageSpec,
 )
 from longtrain.data.token_store import TokenStore
-from longtrain.distributed import DistEnv, barrier
+from longtrain.data.tokenizer import load_tokenizer
+from longtrain.distributed import DistEnv, broadcast_object
+from longtrain.errors import DataError, LongtrainError, one_line
 
 PACKERS = {"concat_chunk": concat_chunk, "best_fit": best_fit}
 PACKINGS = (*PACKERS, "decomposition")
+# What rank 0 reports to every rank as a DataError; anything else is a bug and keeps its
+# traceback on rank 0 (the other ranks still raise, with its one-line message).
+_USER_ERRORS = (LongtrainError, ValueError, OSError, ImportError)
 
 
 def open_token_store(cfg: DataConfig, env: DistEnv) -> TokenStore:
-    """Open the store at `cfg.store_dir`, building it from `cfg.source` first if it is missing
-    or was built from other inputs (rank 0 builds; the others wait, then open)."""
+    """Open the token store the data config names (`resolve_token_store` says how).
+
+    Rank 0 builds or checks it while the others wait; rank 0 then broadcasts None or its
+    error's message, so every rank opens the store or raises the same DataError (no rank is
+    left waiting for a peer that failed)."""
+    store, error, failure = None, None, None
     if env.is_main:
-        prepare(
-            cfg.source,
+        try:
+            store = resolve_token_store(cfg)
+        except Exception as err:  # every failure must reach the other ranks before we raise
+            failure = err
+            error = one_line(err)
+            if not isinstance(err, _USER_ERRORS):
+                error = f"{type(err).__name__} while preparing the token store: {error}"
+    error = broadcast_object(error, env)
+    if error is not None:
+        if failure is not None and not isinstance(failure, _USER_ERRORS):
+            raise failure
+        raise DataError(error) from failure
+    return store if store is not None else TokenStore.open(cfg.store_dir)
+
+
+def resolve_token_store(cfg: DataConfig, show_progress: bool = True) -> TokenStore:
+    """The token store `cfg` names: built, reused or used as it is (run by rank 0 only).
+
+    - data.source named: `prepare` builds a missing store (or fills an empty directory),
+      reuses one that source built from the same inputs, rebuilds it when they changed
+      (edited files, another tokenizer or limit), and refuses one that another source built
+      unless data.replace_store=true.
+    - no source, and data.store_dir is the embedded corpus' store (EMBEDDED_STORE_DIR,
+      relative to the current directory): as if data.source=stdlib, so a fresh machine builds
+      it on first use.
+    - no source, any other data.store_dir: the store there is used as it is (opened,
+      validated, one line printed saying what it holds). None there is an error naming
+      data.source; so is a data.tokenizer or data.limit_docs that its header contradicts.
+
+    An empty data.tokenizer means the store's own, and the byte tokenizer when building.
+    """
+    source = cfg.source
+    if not source and Path(cfg.store_dir).resolve() == Path(EMBEDDED_STORE_DIR).resolve():
+        source = "stdlib"
+    if source:
+        return prepare(
+            source,
             cfg.store_dir,
-            tokenizer=cfg.tokenizer,
+            tokenizer=cfg.tokenizer or "byte",
             limit_docs=cfg.limit_docs or None,
-            show_progress=True,
+            show_progress=show_progress,
+            replace=cfg.replace_store,
         )
-    barrier(env)
-    return TokenStore.open(cfg.store_dir)
+    path = Path(cfg.store_dir)
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        raise DataError(
+            f"there is no token store at data.store_dir={cfg.store_dir!r} and no data.source "
+            "to build it from: name one (data.source=stdlib, dir:PATH or jsonl:PATH) to build "
+            "it there, or point data.store_dir at an existing store"
+        )
+    store = TokenStore.open(path)
+    _check_store_matches(store, cfg)
+    print(
+        f"token store {cfg.store_dir}: built from {store_source(store.header)}, "
+        f"{store.num_docs} docs, {store.num_tokens} tokens, "
+        f"tokenizer {store.tokenizer_spec.get('name', '?')}",
+        flush=True,
+    )
+    return store
+
+
+def _tokenizer_identity(spec: dict[str, Any]) -> dict[str, Any]:
+    # The same tokenizer files in another directory are the same tokenizer.
+    return {k: v for k, v in spec.items() if k not in ("name", "path")}
+
+
+def _check_store_matches(store: TokenStore, cfg: DataConfig) -> None:
+    """Refuse a data.tokenizer / data.limit_docs that the store's header contradicts."""
+    built = f"the token store at {cfg.store_dir!r} (built from {store_source(store.header)!r}"
+    fix = "drop it to train on the store as it is, or name data.source=... to build another store"
+    if cfg.tokenizer:
+        want = load_tokenizer(cfg.tokenizer).spec()
+        if _tokenizer_identity(want) != _tokenizer_identity(store.tokenizer_spec):
+            raise DataError(
+                f"data.tokenizer={cfg.tokenizer!r} disagrees with {built} with tokenizer "
+                f"{store.tokenizer_spec.get('name', '?')!r}); {fix}"
+            )
+    meta = store.header.get("meta")
+    had = meta.get("limit_docs") if isinstance(meta, dict) else None
+    if cfg.limit_docs and had != cfg.limit_docs:
+        raise DataError(
+            f"data.limit_docs={cfg.limit_docs} disagrees with {built} with limit_docs "
+            f"{had or 'none (all documents)'}); {fix}"
+        )
 
 
 def build_schedule(store: TokenStore, cfg: RunConfig):
@@ -72,14 +158,19 @@ def build_schedule(store: TokenStore, cfg: RunConfig):
     return FixedLengthSchedule(packing, cfg.train.global_batch, seed, data.shuffle)
 
 
+def check_global_batch(global_batch: int, dp_size: int) -> None:
+    """Each data-parallel rank takes an equal share of the sequences of a step."""
+    if global_batch % dp_size:
+        raise ValueError(
+            f"train.global_batch ({global_batch}) must be divisible by the "
+            f"data-parallel size ({dp_size}); use a multiple of {dp_size}"
+        )
+
+
 def build_loader(store: TokenStore, cfg: RunConfig, dims, env: DistEnv) -> PackedLoader:
     """The loader of this rank's data-parallel share."""
     dp_rank, dp_size = (0, 1) if dims is None else (dims.dp_rank, dims.dp)
-    if cfg.train.global_batch % dp_size:
-        raise ValueError(
-            f"train.global_batch ({cfg.train.global_batch}) must be divisible by the "
-            f"data-parallel size ({dp_size}); use a multiple of {dp_size}"
-        )
+    check_global_batch(cfg.train.global_batch, dp_size)
     return PackedLoader(
         store.tokens,
         store.offsets,

@@ -6,7 +6,10 @@
 - `jsonl_documents(path, field)`: one document per JSON line (a file or a directory of them).
 
 `open_source("stdlib" | "dir:PATH" | "jsonl:PATH")` parses a source spec into a `Source`, which
-also lists the files it reads (`file_stats()`), so a caller can fingerprint its inputs.
+also lists the files it reads (`file_stats()`), so a caller can fingerprint its inputs, and
+says what it is (`identity()`, `location`), so a store can tell which source built it.
+`Source.document_chunks()` gives each document as consecutive text pieces (a big text file is
+read and decoded about 1 MiB at a time); `Source.documents()` joins them.
 
 Files are visited in sorted order of their path relative to the root, so the documents come
 out in the same order on every machine. Empty documents are skipped; a source that yields no
@@ -16,7 +19,9 @@ first iteration.
 
 from __future__ import annotations
 
+import codecs
 import io
+import itertools
 import json
 import logging
 import os
@@ -25,10 +30,14 @@ import tokenize
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from longtrain.errors import DataError
 
 log = logging.getLogger(__name__)
 
 _STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
+_READ_CHUNK = 1 << 20  # bytes of a text file read and decoded at a time
 
 
 def _check_limit(limit: int | None) -> int | None:
@@ -73,26 +82,51 @@ def _read_python(path: Path) -> str | None:
         return None
 
 
-def _read_text(path: Path) -> str:
-    """UTF-8 text (a BOM is dropped; invalid bytes become U+FFFD)."""
-    return path.read_bytes().decode("utf-8-sig", errors="replace")
+def _python_chunks(path: Path) -> Iterator[str]:
+    """A .py file's text as one piece (none if unreadable or empty); see `_read_python`."""
+    text = _read_python(path)
+    if text:
+        yield text
+
+
+def _text_chunks(path: Path) -> Iterator[str]:
+    """UTF-8 text of a file in non-empty pieces of about _READ_CHUNK bytes.
+
+    A BOM is dropped and invalid bytes become U+FFFD, as `path.read_bytes().decode("utf-8-sig",
+    errors="replace")` would do: the incremental decoder holds back a character cut at a
+    piece's end until the next piece completes it, so the joined pieces equal that text.
+    The BOM is stripped here, not by the "utf-8-sig" incremental decoder, which drops a file
+    that is a cut-short BOM (b"\\xef\\xbb") instead of decoding it to U+FFFD."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    with open(path, "rb") as f:
+        block = f.read(max(_READ_CHUNK, len(codecs.BOM_UTF8)))
+        if block.startswith(codecs.BOM_UTF8):
+            block = block[len(codecs.BOM_UTF8) :]
+        while True:  # the first block may be empty after the BOM with more to come
+            if text := decoder.decode(block):
+                yield text
+            if not (block := f.read(_READ_CHUNK)):
+                break
+    if tail := decoder.decode(b"", final=True):
+        yield tail
 
 
 def _files_documents(
     files: tuple[Path, ...],
     root: Path,
-    read: Callable[[Path], str | None],
+    read: Callable[[Path], Iterator[str]],
     limit: int | None,
     what: str,
-) -> Iterator[tuple[str, str]]:
+) -> Iterator[tuple[str, Iterator[str]]]:
     n = 0
     for path in files:
         if limit is not None and n >= limit:
             return
-        text = read(path)
-        if text:
+        chunks = read(path)
+        first = next(chunks, None)  # pieces are never empty: None means an empty document
+        if first is not None:
             n += 1
-            yield _rel(path, root), text
+            yield _rel(path, root), itertools.chain((first,), chunks)
     if n == 0:
         raise ValueError(f"no documents found in {what}: every file was empty or unreadable")
 
@@ -183,13 +217,21 @@ def _jsonl_lines(
 ) -> Iterator[tuple[str, str]]:
     n = 0
     for file in files:
-        with open(file, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
+        # Bytes, decoded line by line, so that a line that is not UTF-8 is named.
+        with open(file, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
                 if limit is not None and n >= limit:
                     return
+                where = f"{str(file)!r} line {lineno}"
+                try:
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(
+                        f"{where} is not valid UTF-8 (byte {e.start + 1} of the line: "
+                        f"{e.reason}); re-encode the file as UTF-8"
+                    ) from e
                 if not line.strip():
                     continue
-                where = f"{str(file)!r} line {lineno}"
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
@@ -224,12 +266,37 @@ class Source:
 
     def documents(self, limit: int | None = None) -> Iterator[tuple[str, str]]:
         """(name, text) documents; limit None or 0 for all, else stop after that many."""
+        return ((name, "".join(chunks)) for name, chunks in self.document_chunks(limit))
+
+    def document_chunks(self, limit: int | None = None) -> Iterator[tuple[str, Iterator[str]]]:
+        """(name, pieces) documents: each text as consecutive non-empty str pieces.
+
+        Args:
+            limit: None or 0 for all, else stop after that many (non-empty) documents.
+        Returns:
+            iterator of (name, iterator of str); consume a document's pieces before asking for
+            the next document. A text file comes in pieces of about 1 MiB; a stdlib file or a
+            JSONL line comes whole. Joined, the pieces equal the `documents()` text.
+        """
         limit = _check_limit(limit)
         if self.kind == "jsonl":
-            return _jsonl_lines(self.files, self.root, self.field, limit)
-        read = _read_python if self.kind == "stdlib" else _read_text
+            lines = _jsonl_lines(self.files, self.root, self.field, limit)
+            return ((name, iter((text,))) for name, text in lines)
+        read = _python_chunks if self.kind == "stdlib" else _text_chunks
         what = f"{self.spec!r} ({len(self.files)} files)"
         return _files_documents(self.files, self.root, read, limit, what)
+
+    @property
+    def location(self) -> Path:
+        """The path the spec names (the stdlib root, the text directory, the .jsonl file or
+        directory), resolved: the place a token store must not overlap."""
+        if self.kind == "stdlib":
+            return self.root.resolve()
+        return Path(self.spec.partition(":")[2]).resolve()
+
+    def identity(self) -> dict[str, Any]:
+        """Which source this is, independent of its content: see `source_identity`."""
+        return source_identity(self.spec)
 
     def file_stats(self) -> list[tuple[str, int, int]]:
         """[(path relative to root, size in bytes, mtime in ns)] of every input file."""
@@ -238,6 +305,19 @@ class Source:
             st = f.stat()
             out.append((_rel(f, self.root), st.st_size, st.st_mtime_ns))
         return out
+
+
+def source_identity(spec: str) -> dict[str, Any]:
+    """What a source spec names, without reading it: {"kind"} for stdlib (whichever Python's),
+    else {"kind", "path"} with the path resolved against the current directory.
+
+    Two specs with the same identity are the same source (its files may have changed); a token
+    store keeps its source's identity in header["meta"]["source_id"].
+    """
+    if spec == "stdlib":
+        return {"kind": "stdlib"}
+    kind, _, path = spec.partition(":")
+    return {"kind": kind, "path": str(Path(path).resolve())}
 
 
 def open_source(spec: str) -> Source:

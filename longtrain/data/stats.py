@@ -18,6 +18,7 @@ import numpy as np
 from longtrain.data.decomposition import decompose
 from longtrain.data.packing import best_fit, concat_chunk
 from longtrain.data.token_store import TokenStore
+from longtrain.errors import report_errors
 
 
 def _context_stats(piece_lengths: np.ndarray) -> tuple[float, float]:
@@ -81,6 +82,11 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """CLI: print the packer table of a store; a user error is one line on stderr, exit 2."""
+    report_errors("longtrain.data.stats", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", required=True, help="token store directory")
     parser.add_argument("--seq-len", type=int, default=8192, help="power of two")

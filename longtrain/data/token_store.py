@@ -1,27 +1,19 @@
 """Token store: many tokenized documents as one flat memory-mapped array plus offsets.
 
-On disk a store is a directory:
+The layout on disk is described in `longtrain.data.store_format`. Empty documents are skipped
+at write time (counted in header["skipped_empty_docs"]), so every stored document has at least
+one token and offsets are strictly increasing.
 
-    tokens.bin    all documents' token ids back to back, raw little-endian unsigned ints of
-                  the smallest dtype that holds vocab_size ids (uint8 <= 256, uint16 <= 65536,
-                  else uint32)
-    offsets.npy   int64 [N+1]; document i is tokens[offsets[i]:offsets[i+1]]; offsets[0] = 0
-    header.json   format, version, tokenizer spec, vocab_size, dtype, num_docs, num_tokens,
-                  skipped_empty_docs, source fingerprint, created time, free-form meta
-
-Empty documents are skipped at write time (counted in header["skipped_empty_docs"]), so every
-stored document has at least one token and offsets are strictly increasing.
-
-Writes are atomic: `TokenStoreWriter` fills `<dir>.tmp-<pid>`, writes header.json last, then
-renames it to `<dir>`. A crash leaves at most a stray `.tmp-<pid>` directory, never a store at
-`<dir>` that `TokenStore.open` would accept.
+Writes are atomic: `TokenStoreWriter` fills a fresh `<dir>.tmp-XXXXXXXX` beside `<dir>`, writes
+header.json last, then renames it to `<dir>`. A crash leaves at most a stray temporary
+directory, never a store at `<dir>` that `TokenStore.open` would accept. Only a missing path,
+an empty directory or one of our own stores is ever replaced (`check_replaceable`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from array import array
 from pathlib import Path
@@ -29,49 +21,37 @@ from typing import Any
 
 import numpy as np
 
-FORMAT = "longtrain.token_store"
-VERSION = 1
-TOKENS_FILE = "tokens.bin"
-OFFSETS_FILE = "offsets.npy"
-HEADER_FILE = "header.json"
-_DTYPES = ("uint8", "uint16", "uint32")
-_CHECK_CHUNK = 1 << 24  # tokens per chunk of the max-id scan in `open` (32 MiB of uint16)
-_BUILD_HINT = "build it with `python -m longtrain.data.prepare --source stdlib --out DIR`"
+from longtrain.data.store_format import (
+    BUILD_HINT,
+    FORMAT,
+    HEADER_FILE,
+    OFFSETS_FILE,
+    TOKENS_FILE,
+    VERSION,
+    check_header,
+    check_max_id,
+    check_replaceable,
+    check_special_ids,
+    fresh_dir,
+    fsync_dir,
+    read_header,
+    remove_store_files,
+    token_dtype,
+)
 
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    """Smallest unsigned dtype that holds ids 0..vocab_size-1.
-
-    Args:
-        vocab_size: number of ids, >= 1.
-    Returns:
-        uint8 (<= 256), uint16 (<= 65536) or uint32 (<= 2**32).
-    """
-    if vocab_size < 1:
-        raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
-    for name in _DTYPES:
-        if vocab_size <= np.iinfo(name).max + 1:
-            return np.dtype(name)
-    raise ValueError(f"vocab_size {vocab_size} does not fit uint32 token ids (max 2**32)")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+_CHECK_CHUNK = 1 << 24  # tokens per read of the max-id scan in `open` (32 MiB of uint16)
 
 
 class TokenStoreWriter:
     """Stream documents into a new token store at `path`; finalise atomically.
 
     Use as a context manager: a clean exit finalises (renames into place, replacing an old
-    store at `path`), an exception aborts (removes the temporary directory)::
+    store at `path` if `check_replaceable` allows it), an exception aborts (removes the
+    temporary directory)::
 
         with TokenStoreWriter(out, vocab_size=259, tokenizer_spec=tok.spec()) as w:
             for ids in docs:
-                w.append(ids)
+                w.append(ids)  # or, in pieces: begin_document(); extend(...); end_document()
     """
 
     def __init__(
@@ -82,28 +62,33 @@ class TokenStoreWriter:
         fingerprint: str = "",
         meta: dict[str, Any] | None = None,
     ) -> None:
-        """Open `<path>.tmp-<pid>` for writing.
+        """Create a fresh `<path>.tmp-XXXXXXXX` directory beside `path` for writing.
 
         Args:
-            path: final store directory (its parent is created if missing).
+            path: final store directory (its parent is created if missing; a symbolic link is
+                followed, so the store replaces the directory it points to).
             vocab_size: every appended id must be < vocab_size; also picks the on-disk dtype.
-            tokenizer_spec: JSON-able tokenizer identity (`Tokenizer.spec()`), kept in the header.
+            tokenizer_spec: JSON-able tokenizer identity (`Tokenizer.spec()`), kept in the header;
+                its eos_id, pad_id (and bos_id if not None) must be < vocab_size.
             fingerprint: identity of the inputs (see `longtrain.data.prepare`), kept in the header.
             meta: extra JSON-able facts to keep in header["meta"] (e.g. the source spec).
+        Raises:
+            DataError: `path` holds something that is not ours to replace (`check_replaceable`).
         """
         self.path = Path(path)
         self.vocab_size = int(vocab_size)
         self.dtype = token_dtype(self.vocab_size)
+        check_special_ids(tokenizer_spec, self.vocab_size, f"store {str(self.path)!r}")
         self.tokenizer_spec = tokenizer_spec
         self.fingerprint = fingerprint
         self.meta = dict(meta or {})
-        self.tmp_path = self.path.parent / f"{self.path.name}.tmp-{os.getpid()}"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.tmp_path.exists():  # left by an earlier crashed process with our pid
-            shutil.rmtree(self.tmp_path)
-        self.tmp_path.mkdir()
+        check_replaceable(self.path)
+        self._target = Path(os.path.realpath(self.path))
+        self._target.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp_path = fresh_dir(self._target.parent, f"{self._target.name}.tmp-")
         self._file = open(self.tmp_path / TOKENS_FILE, "wb")  # noqa: SIM115 (closed in finish)
         self._offsets = array("q", [0])
+        self._doc_tokens: int | None = None  # tokens of the open document; None: none open
         self.skipped_empty_docs = 0
         self._done = False
 
@@ -114,25 +99,51 @@ class TokenStoreWriter:
 
     @property
     def num_tokens(self) -> int:
-        """Tokens written so far."""
-        return self._offsets[-1]
+        """Tokens written so far (including those of a document still open)."""
+        return self._offsets[-1] + (self._doc_tokens or 0)
 
-    def append(self, ids: Any) -> int | None:
-        """Append one document.
+    @property
+    def doc_tokens(self) -> int:
+        """Tokens written into the open document so far (0 when none is open)."""
+        return self._doc_tokens or 0
+
+    def _check_open(self) -> None:
+        if self._done:
+            raise ValueError(f"TokenStoreWriter for {str(self.path)!r} is already finished")
+
+    def begin_document(self) -> None:
+        """Start a document; fill it with `extend`, close it with `end_document`."""
+        self._check_open()
+        if self._doc_tokens is not None:
+            raise ValueError("begin_document() while a document is open; call end_document()")
+        self._doc_tokens = 0
+
+    def extend(self, ids: Any) -> None:
+        """Append a piece of the open document, cast straight to the store dtype.
 
         Args:
             ids: 1-D integer array-like [n] of token ids in 0..vocab_size-1.
-        Returns:
-            the document's index in the store, or None if it was empty (skipped, counted).
+        Raises:
+            ValueError: a bad piece; the open document is then discarded (nothing of it stays).
         """
-        if self._done:
-            raise ValueError(f"TokenStoreWriter for {str(self.path)!r} is already finished")
+        self._check_open()
+        if self._doc_tokens is None:
+            raise ValueError("extend() without an open document; call begin_document() first")
         arr = np.asarray(ids)
+        try:
+            self._check_piece(arr)
+        except ValueError:
+            self._discard_document()
+            raise
+        if arr.size:
+            self._file.write(np.ascontiguousarray(arr.astype(self.dtype, copy=False)).data)
+            self._doc_tokens += arr.size
+
+    def _check_piece(self, arr: np.ndarray) -> None:
         if arr.ndim != 1:
             raise ValueError(f"a document must be 1-D token ids, got shape {arr.shape}")
         if arr.size == 0:
-            self.skipped_empty_docs += 1
-            return None
+            return
         if not np.issubdtype(arr.dtype, np.integer):
             raise ValueError(f"token ids must be integers, got dtype {arr.dtype}")
         lo, hi = int(arr.min()), int(arr.max())
@@ -142,9 +153,44 @@ class TokenStoreWriter:
                 f"document {self.num_docs} holds token id {bad}, outside 0..{self.vocab_size - 1} "
                 f"(vocab_size {self.vocab_size}); was it encoded with another tokenizer?"
             )
-        self._file.write(arr.astype(self.dtype, copy=False).tobytes())
-        self._offsets.append(self._offsets[-1] + arr.size)
+
+    def _discard_document(self) -> None:
+        # Cut tokens.bin back to where the open document began.
+        self._file.flush()
+        self._file.seek(self._offsets[-1] * self.dtype.itemsize)
+        self._file.truncate()
+        self._doc_tokens = None
+
+    def end_document(self) -> int | None:
+        """Close the open document.
+
+        Returns:
+            its index in the store, or None if it was empty (skipped, counted in the header).
+        """
+        self._check_open()
+        if self._doc_tokens is None:
+            raise ValueError("end_document() without an open document")
+        n, self._doc_tokens = self._doc_tokens, None
+        if n == 0:
+            self.skipped_empty_docs += 1
+            return None
+        self._offsets.append(self._offsets[-1] + n)
         return self.num_docs - 1
+
+    def append(self, ids: Any) -> int | None:
+        """Append one whole document (checked before anything is written).
+
+        Args:
+            ids: 1-D integer array-like [n] of token ids in 0..vocab_size-1.
+        Returns:
+            the document's index in the store, or None if it was empty (skipped, counted).
+        """
+        self._check_open()
+        arr = np.asarray(ids)
+        self._check_piece(arr)
+        self.begin_document()
+        self.extend(arr)
+        return self.end_document()
 
     def finish(self) -> Path:
         """Write offsets and header, fsync, and rename into place (replacing an old store).
@@ -152,10 +198,14 @@ class TokenStoreWriter:
         Returns:
             the final store path.
         Raises:
-            ValueError: no non-empty document was appended (an empty store is refused).
+            ValueError: no non-empty document was appended (an empty store is refused), or a
+                document is still open.
+            DataError: `path` now holds something that is not ours to replace.
         """
-        if self._done:
-            raise ValueError(f"TokenStoreWriter for {str(self.path)!r} is already finished")
+        self._check_open()
+        if self._doc_tokens is not None:
+            self.abort()
+            raise ValueError(f"finish() with a document still open in {str(self.path)!r}")
         if self.num_docs == 0:
             self.abort()
             raise ValueError(
@@ -197,33 +247,37 @@ class TokenStoreWriter:
             json.dump(header, f, indent=2)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(self.tmp_path)
+        fsync_dir(self.tmp_path)
         self._swap_into_place()
 
     def _swap_into_place(self) -> None:
-        # os.replace cannot replace a non-empty directory: move the old store aside first,
-        # and put it back if the second rename fails, so `path` is never a broken store.
-        old = self.path.parent / f"{self.path.name}.old-{os.getpid()}"
-        had_old = self.path.exists()
-        if old.exists():  # left by an earlier crashed process with our pid
-            shutil.rmtree(old)
-        if had_old:
-            os.replace(self.path, old)
+        # Checked again here: the directory may have changed while we tokenized.
+        check_replaceable(self._target)
+        # os.replace cannot replace a non-empty directory: move the old one (a store, or an
+        # empty directory) into a fresh directory first, and put it back if the second rename
+        # fails, so `path` is never a broken store.
+        target, aside = self._target, None
+        if target.exists():
+            aside = fresh_dir(target.parent, f"{target.name}.old-")
+            os.replace(target, aside / target.name)
         try:
-            os.replace(self.tmp_path, self.path)
+            os.replace(self.tmp_path, target)
         except BaseException:
-            if had_old:
-                os.replace(old, self.path)
+            if aside is not None:
+                os.replace(aside / target.name, target)
+                aside.rmdir()
             raise
-        _fsync_dir(self.path.parent)
-        if had_old:
-            shutil.rmtree(old, ignore_errors=True)
+        fsync_dir(target.parent)
+        if aside is not None:
+            remove_store_files(aside / target.name)
+            remove_store_files(aside)
 
     def abort(self) -> None:
         """Discard everything written; the final path is left as it was."""
         if not self._file.closed:
             self._file.close()
-        shutil.rmtree(self.tmp_path, ignore_errors=True)
+        if self.tmp_path.exists():
+            remove_store_files(self.tmp_path)
         self._done = True
 
     def __enter__(self) -> TokenStoreWriter:
@@ -323,25 +377,27 @@ class TokenStore:
         Args:
             path: store directory.
             check_tokens: scan tokens.bin in chunks and check every id < vocab_size (one
-                sequential read; skipped when the dtype cannot hold an id >= vocab_size).
+                sequential read through a bounded buffer, so memory does not grow with the
+                store; skipped when the dtype cannot hold an id >= vocab_size). The tokenizer's
+                special ids are checked against vocab_size either way.
         Raises:
             FileNotFoundError: `path` does not exist.
             ValueError: the directory is not a complete, consistent store of this version.
         """
         path = Path(path)
         if not path.is_dir():
-            raise FileNotFoundError(f"no token store at {str(path)!r}; {_BUILD_HINT}")
+            raise FileNotFoundError(f"no token store at {str(path)!r}; {BUILD_HINT}")
         header_file = path / HEADER_FILE
         if not header_file.is_file():
             raise ValueError(
-                f"{str(path)!r} is not a complete token store (no {HEADER_FILE}); "
-                f"delete it and rebuild: {_BUILD_HINT}"
+                f"{str(path)!r} is not a complete token store (no {HEADER_FILE}): point at a "
+                f"store, or {BUILD_HINT}"
             )
         try:
             header = json.loads(header_file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{str(header_file)!r} is not valid JSON ({e}); rebuild") from e
-        cls._check_header(path, header)
+        check_header(path, header)
         dtype = np.dtype(header["dtype"])
         num_docs, num_tokens = int(header["num_docs"]), int(header["num_tokens"])
 
@@ -370,50 +426,21 @@ class TokenStore:
                 f"({num_tokens} tokens of {dtype.name}); the file is truncated or "
                 "corrupt: rebuild the store"
             )
-        tokens = np.memmap(tokens_file, dtype=dtype, mode="r", shape=(num_tokens,))
         vocab_size = int(header["vocab_size"])
+        # The header check made dtype the smallest that holds vocab_size ids, so when
+        # vocab_size == iinfo.max + 1 no stored value can reach it and the scan is skipped.
         if check_tokens and vocab_size <= np.iinfo(dtype).max:
-            _check_max_id(tokens, offsets, vocab_size, tokens_file)
+            check_max_id(tokens_file, dtype, offsets, vocab_size, _CHECK_CHUNK)
+        tokens = np.memmap(tokens_file, dtype=dtype, mode="r", shape=(num_tokens,))
         return cls(path, header, tokens, offsets)
 
-    @staticmethod
-    def _check_header(path: Path, header: Any) -> None:
-        if not isinstance(header, dict) or header.get("format") != FORMAT:
-            raise ValueError(f"{str(path)!r} has no {FORMAT} header; rebuild: {_BUILD_HINT}")
-        if header.get("version") != VERSION:
-            raise ValueError(
-                f"token store {str(path)!r} has format version {header.get('version')}, this "
-                f"code reads version {VERSION}; rebuild it with `python -m longtrain.data.prepare`"
-            )
-        required = ("tokenizer", "vocab_size", "dtype", "num_docs", "num_tokens")
-        missing = [k for k in required if k not in header]
-        if missing:
-            raise ValueError(f"header of {str(path)!r} lacks {missing}; rebuild the store")
-        tok = header["tokenizer"]
-        if not isinstance(tok, dict) or not all(
-            isinstance(tok.get(k), int) for k in ("eos_id", "pad_id")
-        ):
-            raise ValueError(
-                f"header of {str(path)!r}: tokenizer spec {tok!r} lacks integer eos_id/pad_id"
-            )
-        if header["dtype"] not in _DTYPES:
-            raise ValueError(f"header of {str(path)!r} has unknown dtype {header['dtype']!r}")
-        if np.dtype(header["dtype"]) != token_dtype(int(header["vocab_size"])):
-            raise ValueError(
-                f"header of {str(path)!r}: dtype {header['dtype']} does not match vocab_size "
-                f"{header['vocab_size']}; rebuild the store"
-            )
 
-
-def _check_max_id(tokens: np.ndarray, offsets: np.ndarray, vocab_size: int, file: Path) -> None:
-    """Raise ValueError naming the first id >= vocab_size and its document."""
-    for lo in range(0, tokens.shape[0], _CHECK_CHUNK):
-        chunk = tokens[lo : lo + _CHECK_CHUNK]
-        if chunk.max() >= vocab_size:
-            pos = lo + int(np.argmax(chunk >= vocab_size))
-            doc = int(np.searchsorted(offsets, pos, side="right")) - 1
-            raise ValueError(
-                f"{str(file)!r}: token id {int(tokens[pos])} at document {doc} "
-                f"(token {pos - int(offsets[doc])}) is >= vocab_size {vocab_size}; "
-                "the store is corrupt or was written for another tokenizer: rebuild it"
-            )
+__all__ = [
+    "FORMAT",
+    "VERSION",
+    "TokenStore",
+    "TokenStoreWriter",
+    "check_replaceable",
+    "read_header",
+    "token_dtype",
+]

@@ -1,7 +1,9 @@
 """Tokenizers: a byte-level one with no files, and a wrapper for local Hugging Face tokenizers.
 
 Both expose the same small surface (the `Tokenizer` protocol): `name`, `vocab_size`, `bos_id`,
-`eos_id`, `pad_id`, `encode(text) -> int64 [n]`, `decode(ids) -> str` and `spec()`, a JSON-able
+`eos_id`, `pad_id`, `encode(text) -> int64 [n]`, `encode_chunks(text pieces, dtype)` (a document
+given in pieces, encoded into arrays of the store's dtype: what `prepare` streams through),
+`decode(ids) -> str` and `spec()`, a JSON-able
 dict that identifies the tokenizer (stored in a token store's header and used in its
 fingerprint, so that a different tokenizer means a different store).
 
@@ -11,6 +13,7 @@ fingerprint, so that a different tokenizer means a different store).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -44,6 +47,8 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> np.ndarray: ...
 
+    def encode_chunks(self, chunks: Iterable[str], dtype: np.dtype) -> Iterator[np.ndarray]: ...
+
     def decode(self, ids: Any) -> str: ...
 
     def spec(self) -> dict[str, Any]: ...
@@ -72,6 +77,23 @@ class ByteTokenizer:
         """
         data = text.encode("utf-8", errors="replace")
         return np.frombuffer(data, dtype=np.uint8).astype(np.int64)
+
+    def encode_chunks(self, chunks: Iterable[str], dtype: np.dtype) -> Iterator[np.ndarray]:
+        """Encode a document given in pieces, piece by piece (memory: one piece at a time).
+
+        Exact: UTF-8 encodes each character on its own, so the concatenated output equals
+        `encode("".join(chunks))` (a str piece never splits a character).
+
+        Args:
+            chunks: the document's text in consecutive pieces.
+            dtype: the integer dtype of the output arrays (the token store's).
+        Returns:
+            iterator of [n_i] arrays of `dtype`, ids in 0..255, one per non-empty piece.
+        """
+        for text in chunks:
+            data = text.encode("utf-8", errors="replace")
+            if data:
+                yield np.frombuffer(data, dtype=np.uint8).astype(dtype)
 
     def decode(self, ids: Any) -> str:
         """Decode ids back to text; special ids (256..258) are skipped.
@@ -184,11 +206,30 @@ class HFTokenizer:
         Returns:
             int64 [n], ids in 0..vocab_size-1; no BOS/EOS added.
         """
+        return np.asarray(self._ids(text), dtype=np.int64)
+
+    def _ids(self, text: str) -> list[int]:
+        """The ids of `text` as the tokenizer's own list (no special tokens)."""
         if self._backend is not None:
-            ids = self._backend.encode(text, add_special_tokens=False).ids
-        else:
-            ids = self._tok.encode(text, add_special_tokens=False)
-        return np.asarray(ids, dtype=np.int64)
+            return self._backend.encode(text, add_special_tokens=False).ids
+        return self._tok.encode(text, add_special_tokens=False)
+
+    def encode_chunks(self, chunks: Iterable[str], dtype: np.dtype) -> Iterator[np.ndarray]:
+        """Encode a document given in pieces, as one text.
+
+        Subword merges cross any place the text could be cut, so encoding piece by piece would
+        tokenize differently at the cuts: the pieces are joined and encoded whole. The ids go
+        straight from the tokenizer's list into `dtype` (no int64 array in between).
+
+        Args:
+            chunks: the document's text in consecutive pieces.
+            dtype: the integer dtype of the output (the token store's; holds vocab_size ids).
+        Returns:
+            iterator of one [n] array of `dtype` (none for an empty text).
+        """
+        ids = self._ids("".join(chunks))
+        if ids:
+            yield np.asarray(ids, dtype=dtype)
 
     def decode(self, ids: Any) -> str:
         """Decode ids to text, skipping special tokens.

@@ -423,7 +423,7 @@ def _default_dtype(model_dtype: str):
 
 
 def _vocab_size(cfg: RunConfig) -> int:
-    if cfg.data.tokenizer == "byte":
+    if cfg.data.tokenizer in ("", "byte"):  # "": the byte tokenizer when a store is built
         from longtrain.data.tokenizer import ByteTokenizer
 
         return ByteTokenizer.vocab_size

@@ -19,6 +19,7 @@ from longtrain.data.sources import (
     stdlib_documents,
 )
 from longtrain.data.tokenizer import ByteTokenizer
+from longtrain.errors import DataError
 
 EOS = ByteTokenizer.eos_id
 
@@ -126,11 +127,13 @@ def test_missing_and_empty_sources(tmp_path):
         directory_documents(tmp_path / "nope")  # raised at call time, before iteration
     with pytest.raises(FileNotFoundError, match="nope"):
         prepare(f"jsonl:{tmp_path / 'nope'}", tmp_path / "s", show_progress=False)
+    src = tmp_path / "src"  # the store may not lie inside its source: a sibling directory
+    src.mkdir()
     with pytest.raises(ValueError, match="no files match"):
-        prepare(f"dir:{tmp_path}", tmp_path / "s", show_progress=False)
-    (tmp_path / "blank.txt").write_text("")
+        prepare(f"dir:{src}", tmp_path / "s", show_progress=False)
+    (src / "blank.txt").write_text("")
     with pytest.raises(ValueError, match="no documents found"):
-        prepare(f"dir:{tmp_path}", tmp_path / "s", show_progress=False)
+        prepare(f"dir:{src}", tmp_path / "s", show_progress=False)
     assert not (tmp_path / "s").exists()
     with pytest.raises(ValueError, match="unknown source 'web:x'"):
         open_source("web:x")
@@ -217,3 +220,16 @@ def test_cli_prints_a_summary(tmp_path, capsys):
     assert "3 docs" in captured.out and str(out) in captured.out
     assert "median" in captured.out and "p99" in captured.out and "seconds" in captured.out
     assert "doc" in captured.err  # the tqdm bar
+
+
+def test_jsonl_that_is_not_utf8_names_file_and_line(tmp_path):
+    # Before: a bare UnicodeDecodeError that named neither the file nor the line.
+    f = tmp_path / "latin1.jsonl"
+    f.write_bytes(b'{"text": "ok"}\n\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"latin1\.jsonl' line 3 is not valid UTF-8"):
+        prepare(f"jsonl:{f}", tmp_path / "s", show_progress=False)
+    assert not (tmp_path / "s").exists()
+    # A BOM at the start of the file is not an error.
+    g = tmp_path / "bom.jsonl"
+    g.write_bytes(b'\xef\xbb\xbf{"text": "one"}\n{"text": "two"}\n')
+    assert [t for _, t in jsonl_documents(g)] == ["one", "two"]

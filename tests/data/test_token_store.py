@@ -14,6 +14,7 @@ import pytest
 
 from longtrain.data import token_store
 from longtrain.data.token_store import TokenStore, TokenStoreWriter, token_dtype
+from tests.fixtures import make_store
 
 BYTE_SPEC = {"kind": "byte", "vocab_size": 259, "bos_id": 256, "eos_id": 257, "pad_id": 258}
 
@@ -269,3 +270,26 @@ def test_open_dtype_disagrees_with_vocab(small_store):
     _edit_header(small_store, vocab_size=70000)
     with pytest.raises(ValueError, match="dtype uint16 does not match vocab_size 70000"):
         TokenStore.open(small_store)
+
+
+def test_open_refuses_special_ids_outside_the_header_vocab(tmp_path):
+    # A real store, its header edited to vocab_size 258: the dtype (uint16) still matches and
+    # every stored token (EOS 257 the largest) is < 258, but PAD 258 would index past the
+    # embedding. Before: opened fine.
+    path = make_store(tmp_path, num_docs=5).path
+    _edit_header(path, vocab_size=258)
+    with pytest.raises(ValueError, match=r"pad_id 258 is outside 0\.\.257 \(vocab_size 258\)"):
+        TokenStore.open(path)
+    with pytest.raises(ValueError, match="pad_id 258"):
+        TokenStore.open(path, check_tokens=False)  # cheap: checked even without the scan
+    # Specials made small enough, the scan finds the EOS tokens and names the document.
+    spec = {**BYTE_SPEC, "bos_id": None, "pad_id": 0, "eos_id": 0}
+    _edit_header(path, vocab_size=257, tokenizer=spec)
+    with pytest.raises(ValueError, match=r"token id 257 at document 0 \(token \d+\) is >= vocab"):
+        TokenStore.open(path)
+
+
+def test_writer_refuses_special_ids_outside_the_vocab(tmp_path):
+    with pytest.raises(ValueError, match=r"eos_id 300 is outside 0\.\.258"):
+        TokenStoreWriter(tmp_path / "s", 259, {**BYTE_SPEC, "eos_id": 300})
+    assert os.listdir(tmp_path) == []
