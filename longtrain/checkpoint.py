@@ -1,10 +1,15 @@
 """Exactly-resumable checkpoints with torch.distributed.checkpoint (DCP).
 
 Layout: `<run_dir>/checkpoints/step_00000010/` holds the DCP shards of model and optimizer
-(resharded on load, so FSDP layouts may change) and `extra.pt` (scheduler, loader position,
-the RNG states of every rank, the step). A checkpoint is written under `step_XXXXXXXX.tmp`
-and renamed when every rank has finished, so a crash never leaves a directory that a resume
-would take: resume only ever looks at fully named ones.
+(resharded on load, so FSDP layouts may change), `extra.pt` (scheduler, loader position,
+the RNG states of every rank, the step) and `manifest.json` (size and sha256 of every file,
+see `longtrain.checkpoint_manifest`). A checkpoint is written under `step_XXXXXXXX.tmp` and
+renamed when every rank has finished, so a crash never leaves a directory that a resume
+would take: resume only ever looks at fully named ones, and loads only one that verifies.
+
+What is never done: save parameters that hold NaN or inf; resume from a checkpoint that fails
+verification (`resume=auto` names it and takes the previous one); count such a checkpoint
+among the `keep_last` kept ones, or delete a checkpoint newer than the oldest kept good one.
 """
 
 from __future__ import annotations
@@ -13,21 +18,25 @@ import os
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from longtrain.checkpoint_manifest import MANIFEST, verify_checkpoint, write_manifest
 from longtrain.distributed import DistEnv, barrier, broadcast_object
 from longtrain.engines.deepspeed_engine import STATE_MARKER
+from longtrain.errors import LongtrainError, one_line
 
 _NAME = re.compile(r"^step_(\d{8})$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(LongtrainError, RuntimeError):
     """A checkpoint that cannot be used; the message names it and what to do."""
 
 
@@ -50,12 +59,17 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint directory `step_XXXXXXXX` was saved after."""
+    return int(_NAME.match(Path(path).name).group(1))
+
+
 def complete_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints under `root`, oldest first (temporary directories are ignored)."""
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name)]
-    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+    return sorted(found, key=checkpoint_step)
 
 
 def check_checkpoint(path: Path) -> None:
@@ -63,7 +77,7 @@ def check_checkpoint(path: Path) -> None:
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist")
     state = STATE_MARKER if (path / STATE_MARKER).is_file() else ".metadata"
-    for needed in (state, "extra.pt"):
+    for needed in (state, "extra.pt", MANIFEST):
         if not (path / needed).is_file():
             raise CheckpointError(
                 f"checkpoint {path} is incomplete or corrupt (no {needed}); delete it or pass "
@@ -71,42 +85,92 @@ def check_checkpoint(path: Path) -> None:
             )
 
 
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """The part of parameter `p` this rank holds (FSDP2 DTensor shard, ZeRO-3 partition)."""
+    if hasattr(p, "to_local"):
+        return p.to_local()
+    return getattr(p, "ds_tensor", p)
+
+
+def parameters_finite(model: torch.nn.Module, env: DistEnv) -> bool:
+    """Whether every parameter of `model` is finite on every rank (collective)."""
+    bad = any(not torch.isfinite(_local(p).detach()).all() for p in model.parameters())
+    flag = torch.tensor([float(bad)], device=env.device)  # NCCL reduces device tensors only
+    if env.distributed:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() == 0
+
+
 class Checkpointer:
-    def __init__(self, run_dir: Path, env: DistEnv, keep_last: int, engine=None) -> None:
+    def __init__(
+        self, run_dir: Path, env: DistEnv, keep_last: int, engine=None, checksums: bool = True
+    ) -> None:
         self.root = Path(run_dir) / "checkpoints"
         self.env = env
         self.keep_last = keep_last
         self.engine = engine  # a DeepSpeedRun saves and loads model and optimizer itself
+        self.checksums = checksums  # sha256 of every file (else sizes only)
+        self.good: set[int] = set()  # steps of checkpoints this run wrote or verified
 
     def resolve(self, resume: str) -> Path | None:
-        """The checkpoint to resume from: `none`, `auto` (newest complete one, or none) or a
-        path. Checked on rank 0 and agreed by every rank."""
+        """The checkpoint to resume from: `none`, `auto` (the newest complete one that passes
+        verification, or none when there is none) or a path (which must pass). Collective:
+        every rank gets the same answer."""
         if resume == "none":
             return None
-        if resume == "auto":
-            found = complete_checkpoints(self.root) if self.env.is_main else None
-            found = broadcast_object(found, self.env)
-            if not found:
-                return None
-            path = found[-1]
-        else:
+        if resume != "auto":
             path = Path(resume)
-        check_checkpoint(path)
+            check_checkpoint(path)
+            problem = verify_checkpoint(path, self.env, self.checksums)
+            if problem:
+                raise CheckpointError(
+                    f"checkpoint {path} fails verification: {problem}; resume from another one"
+                )
+            return self._good(path)
+        found = complete_checkpoints(self.root) if self.env.is_main else None
+        found = broadcast_object(found, self.env)
+        failed = []
+        for path in reversed(found):
+            problem = _structure_problem(path) or verify_checkpoint(path, self.env, self.checksums)
+            if problem is None:
+                return self._good(path)
+            failed.append(f"{path.name}: {problem}")
+            if self.env.is_main:
+                print(f"skipping checkpoint {path}: {problem}", file=sys.stderr, flush=True)
+        if failed:
+            raise CheckpointError(
+                f"no checkpoint under {self.root} passes verification ({'; '.join(failed)}); "
+                "move them aside to start afresh, or resume from a copy you trust"
+            )
+        return None
+
+    def _good(self, path: Path) -> Path:
+        self.good.add(checkpoint_step(path))
         return path
 
     def save(self, step: int, model, optimizer, scheduler, loader) -> Path:
-        """Write the state after `step` optimizer steps; returns the final directory."""
+        """Write the state after `step` optimizer steps; returns the final directory.
+
+        Raises CheckpointError (before writing anything) when a parameter is not finite."""
+        if not parameters_finite(model, self.env):
+            raise CheckpointError(
+                f"not saving a checkpoint at step {step}: the parameters hold NaN or inf"
+            )
         final = self.root / f"step_{step:08d}"
         tmp = self.root / f"step_{step:08d}.tmp"
         if self.env.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # debris of a save that crashed
             tmp.mkdir(parents=True)
         barrier(self.env)
         if self.engine is not None:
             self.engine.save(tmp)
         else:
             model_sd, optim_sd = get_state_dict(model, optimizer)
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+            try:
+                dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+            except CheckpointException as err:
+                _raise_interrupt(err)
+                raise
         rngs = [None] * self.env.world_size
         if self.env.distributed:
             dist.all_gather_object(rngs, rng_state())
@@ -121,13 +185,27 @@ class Checkpointer:
                 "world_size": self.env.world_size,
             }
             torch.save(extra, tmp / "extra.pt")
-            shutil.rmtree(final, ignore_errors=True)
+        barrier(self.env)  # every file is written: hash them
+        write_manifest(tmp, self.env, self.checksums)
+        if self.env.is_main:
+            shutil.rmtree(final, ignore_errors=True)  # a checkpoint of this step, superseded
             os.replace(tmp, final)
-            if self.keep_last > 0:  # 0 keeps every checkpoint
-                for old in complete_checkpoints(self.root)[: -self.keep_last]:
-                    shutil.rmtree(old, ignore_errors=True)
+            self.good.add(step)
+            self._prune()
         barrier(self.env)
         return final
+
+    def _prune(self) -> None:
+        """Keep the newest `keep_last` good checkpoints; delete only ones older than all of
+        them (and only ones with our manifest), so a checkpoint that failed verification
+        never takes a good one's place."""
+        if self.keep_last <= 0:  # 0 keeps every checkpoint
+            return
+        oldest_kept = sorted(self.good)[-self.keep_last :][0]
+        for old in complete_checkpoints(self.root):
+            if checkpoint_step(old) < oldest_kept and (old / MANIFEST).is_file():
+                shutil.rmtree(old, ignore_errors=True)
+                self.good.discard(checkpoint_step(old))
 
     def load(self, path: Path, model, optimizer, scheduler, loader) -> int:
         """Restore everything saved at `path`; returns the number of steps already done."""
@@ -145,12 +223,31 @@ class Checkpointer:
                     optim_state_dict=state["optim"],
                 )
             extra = torch.load(path / "extra.pt", weights_only=False)
-        except Exception as err:  # any reader error means the files are unusable
+        # DCP's CheckpointException derives from BaseException; any reader error means the
+        # files do not fit this run (another model size, a missing shard).
+        except (Exception, CheckpointException) as err:
+            _raise_interrupt(err)
             raise CheckpointError(
-                f"cannot read checkpoint {path}: {err}; delete it or resume from an older one"
+                f"cannot load checkpoint {path}: {one_line(err)}; resume from another one "
+                "or check that the model config matches the one it was saved with"
             ) from err
         scheduler.load_state_dict(extra["scheduler"])
         loader.load_state_dict(extra["loader"])
         if extra["world_size"] == self.env.world_size:
             set_rng_state(extra["rng"][self.env.rank])
         return int(extra["step"])
+
+
+def _structure_problem(path: Path) -> str | None:
+    try:
+        check_checkpoint(path)
+    except CheckpointError as err:
+        return str(err)
+    return None
+
+
+def _raise_interrupt(err: BaseException) -> None:
+    """DCP wraps a Ctrl-C inside its reader or writer into a CheckpointException: unwrap it."""
+    for exc, _ in getattr(err, "failures", {}).values():
+        if isinstance(exc, KeyboardInterrupt):
+            raise KeyboardInterrupt from None

@@ -56,6 +56,11 @@ def init_distributed(timeout_s: int) -> DistEnv:
     return DistEnv(rank, world_size, local_rank, device, owns_group=world_size > 1)
 
 
+def single_process_env() -> DistEnv:
+    """The environment of a process working alone on CPU (exports, offline tools)."""
+    return DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
 def broadcast_object(obj, env: DistEnv, src: int = 0):
     """Rank `src`'s `obj` on every rank (identity for a single process)."""
     if not env.distributed:
