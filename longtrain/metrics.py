@@ -11,7 +11,7 @@ import torch
 from tqdm import tqdm
 
 from longtrain.config import LoggingConfig
-from longtrain.plot import plot_metrics, read_metrics
+from longtrain.plot import plot_metrics, supersede_after
 
 # Dense bf16 peak TFLOP/s per device, for MFU when train.peak_tflops is not given.
 KNOWN_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}
@@ -53,27 +53,25 @@ class MetricsLogger:
         self.png_path = self.run_dir / "metrics.png"
         self.wandb_run = None
         self.bar = None
+        self.file = None
         self.log_every = max(1, log_every)  # console postfix and wandb; the file gets every step
+        self.skipped_steps = 0  # steps whose update was skipped (non-finite), this run so far
         if not is_main:
             return
-        self._truncate_after(start_step)
+        kept = supersede_after(self.path, start_step)
+        self.skipped_steps = sum(bool(r.get("skipped")) for r in kept)
         self.file = open(self.path, "a")  # noqa: SIM115  (open for the whole run; closed in close())
         if cfg.progress:
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
         if cfg.wandb.mode != "disabled":
             self.wandb_run = _init_wandb(self.run_dir, cfg, run_config, experiment)
 
-    def _truncate_after(self, start_step: int) -> None:
-        """Drop records of steps a resumed run will redo (logged after the last checkpoint)."""
-        if not self.path.exists():
-            return
-        kept = [r for r in read_metrics(self.path) if r["step"] < start_step]
-        with open(self.path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-
     def log(self, record: dict) -> None:
+        """Append `record` (one step's metrics) and count a skipped update in it."""
         if not self.is_main:
             return
+        self.skipped_steps += bool(record.get("skipped"))
+        record["skipped_steps"] = self.skipped_steps
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if record["step"] % self.log_every:
@@ -91,16 +89,18 @@ class MetricsLogger:
                 step=record["step"],
             )
 
-    def close(self) -> Path | None:
-        """Flush, finish wandb and draw the plot; returns the PNG path (rank 0)."""
-        if not self.is_main:
+    def close(self, draw_plot: bool = True) -> Path | None:
+        """Close the file, finish wandb and draw the plot; returns the PNG path (rank 0).
+        Safe to call twice (the second call does nothing)."""
+        if not self.is_main or self.file is None:
             return None
         self.file.close()
+        self.file = None
         if self.bar is not None:
             self.bar.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
-        if self.cfg.plot and self.path.stat().st_size > 0:
+        if draw_plot and self.cfg.plot and self.path.stat().st_size > 0:
             return plot_metrics(self.path, self.png_path, title=self.run_dir.name)
         return None
 

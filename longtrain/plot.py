@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import matplotlib
@@ -10,11 +11,57 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on training nodes
 import matplotlib.pyplot as plt
 
+SUPERSEDED = "metrics.superseded.jsonl"  # lines of steps a resumed run redid, kept here
+
+
+def _parse(path: Path) -> tuple[list[dict], str | None]:
+    """(records, torn last line or None) of a metrics.jsonl file.
+
+    A crash in the middle of a write can leave the last line cut short: it is returned apart
+    instead of failing. A bad line anywhere else raises ValueError naming the file and line."""
+    lines = Path(path).read_text().splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    records, torn = [], None
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if i < len(lines):
+                raise ValueError(
+                    f"{path} line {i} is not JSON ({err}): the file was edited or damaged; "
+                    "repair or remove that line"
+                ) from err
+            torn = line
+    return records, torn
+
 
 def read_metrics(path: Path) -> list[dict]:
-    """The records of a metrics.jsonl file, in order."""
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The records of a metrics.jsonl file, in order (a torn last line is left out)."""
+    return _parse(path)[0]
+
+
+def supersede_after(path: Path, start_step: int) -> list[dict]:
+    """Prepare `path` for a run that continues at `start_step`: lines of steps >= start_step
+    (they will be redone) and a torn last line move to metrics.superseded.jsonl beside it, so
+    nothing is lost; returns the records kept. A missing file is left missing."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    records, torn = _parse(path)
+    kept = [r for r in records if r["step"] < start_step]
+    moved = [json.dumps(r) + "\n" for r in records if r["step"] >= start_step]
+    if torn is not None:
+        moved.append(json.dumps({"torn_line": torn}) + "\n")
+    if moved:
+        with open(path.with_name(SUPERSEDED), "a") as f:
+            f.writelines(moved)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, path)
+    return kept
 
 
 def plot_metrics(metrics_path: Path, png_path: Path, title: str = "") -> Path:

@@ -5,6 +5,7 @@ loss, backward, clip, update. The loss is a sum over trained tokens divided by t
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ class StepContext:
 
     device: torch.device
     dtype: str  # float32 | bfloat16 | float64
-    grad_clip: float
+    grad_clip: float | None  # max global grad norm; 0 or None: no clipping
     pad_id: int
     dims: object | None = None  # parallel.ParallelDims when sequence parallel
     parallel_cfg: object | None = None
@@ -142,16 +143,19 @@ def train_step(
             ctx.engine.backward(mb_loss / global_weight)
         loss_sum += mb_loss.detach().to(acc_dtype)
 
+    # The global loss first: a non-finite one must be known on every rank before any update.
+    mark("loss all_reduce")
+    all_reduce_sum(loss_sum, ctx.world_group)  # every rank's tokens are disjoint
+    loss = loss_sum.item() / global_weight
     lr = optimizer.param_groups[0]["lr"]
     if ctx.engine is not None:
         mark("optimizer (deepspeed)")
+        # ZeRO checks the gradients itself: a non-finite norm makes it skip the update.
         grad_norm = ctx.engine.step()  # reduce, clip, update and zero the gradients
+        applied = ctx.engine.step_applied
         scheduler.step()
     else:
-        grad_norm = _update(model, optimizer, scheduler, ctx, mark)
-
-    mark("loss all_reduce")
-    all_reduce_sum(loss_sum, ctx.world_group)  # every rank's tokens are disjoint
+        grad_norm, applied = _update(model, optimizer, scheduler, ctx, mark, math.isfinite(loss))
     if ctx.device.type == "cuda":
         torch.cuda.synchronize(ctx.device)
     if dist.is_initialized():
@@ -161,12 +165,13 @@ def train_step(
     trained = int(counts[1].item())
     real_tokens = counts[2].item() - counts[3].item()
     return {
-        "loss": loss_sum.item() / global_weight,
+        "loss": loss,
         "lr": lr,
         "tokens": trained,
         "tokens_per_s": trained / step_time,
         "step_time_s": step_time,
-        "grad_norm": float(grad_norm),
+        "grad_norm": grad_norm,
+        "skipped": not applied,  # the same on every rank (decided from the global loss and norm)
         "padding_frac": counts[3].item() / counts[2].item(),
         "docs_per_seq": counts[4].item() / counts[5].item(),
         "seqs": int(counts[5].item()),
@@ -177,20 +182,28 @@ def train_step(
     }
 
 
-def _update(model, optimizer, scheduler, ctx: StepContext, mark) -> torch.Tensor:
-    """Synchronise (replicas), clip, step and zero the gradients; returns the norm."""
+def _update(
+    model, optimizer, scheduler, ctx: StepContext, mark, loss_finite: bool
+) -> tuple[float, bool]:
+    """Synchronise (replicas), clip, step and zero the gradients; returns the gradient norm
+    before clipping and whether the update was applied. A non-finite loss or norm skips the
+    optimizer step (the weights and optimizer state stay as they were); the schedule advances
+    either way, so the learning rate stays a function of the step."""
     if ctx.sync_grads_manually:
         mark("gradient all_reduce")
         for p in model.parameters():
             if p.grad is not None:
                 all_reduce_sum(p.grad, ctx.world_group)
     mark("grad clip")
-    clip = ctx.grad_clip if ctx.grad_clip > 0 else float("inf")
+    clip = ctx.grad_clip or float("inf")  # 0 or None: no clipping
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=False)
     if hasattr(grad_norm, "full_tensor"):
         grad_norm = grad_norm.full_tensor()
-    mark("optimizer")
-    optimizer.step()
+    grad_norm = float(grad_norm)
+    applied = loss_finite and math.isfinite(grad_norm)
+    if applied:
+        mark("optimizer")
+        optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return grad_norm
+    return grad_norm, applied

@@ -17,17 +17,18 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from longtrain.checkpoint import Checkpointer
-from longtrain.config import RunConfig, register_configs
+from longtrain.config import RunConfig, register_configs, to_run_config
 from longtrain.data.setup import build_loader, open_token_store
 from longtrain.diagnostics import StepMonitor
 from longtrain.distributed import barrier, init_distributed, shutdown
 from longtrain.engines.deepspeed_engine import build_deepspeed
+from longtrain.errors import NonFiniteError, RunInterrupted, report_errors
 from longtrain.metrics import MetricsLogger, device_peak_tflops, peak_memory_bytes
 from longtrain.model import build_model, train_flops
 from longtrain.model.llama import set_rope_theta
 from longtrain.optim import build_optimizer, build_scheduler
 from longtrain.parallelize import build_parallel_dims, describe_layout, parallelize
-from longtrain.run_dir import agree_run_dir, save_resolved_config
+from longtrain.run_dir import agree_run_dir, check_run_dir, save_resolved_config
 from longtrain.step import train_step
 from longtrain.validate import validate_run_config
 
@@ -39,7 +40,7 @@ def load_config(overrides: list[str] | None = None) -> RunConfig:
     """The typed config that `python -m longtrain.train *overrides` would run with."""
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         dcfg = compose("config", overrides=list(overrides or []))
-    return OmegaConf.to_object(dcfg)
+    return to_run_config(dcfg)
 
 
 StepCallback = Callable[[int, dict], None]
@@ -63,6 +64,7 @@ def _train(cfg: RunConfig, run_dir: Path, env, step_callbacks: Sequence[StepCall
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
     run_dir = agree_run_dir(run_dir, env)
+    check_run_dir(run_dir, cfg.train.resume, env)
     store = open_token_store(cfg.data, env)
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = store.vocab_size
@@ -86,7 +88,13 @@ def _train(cfg: RunConfig, run_dir: Path, env, step_callbacks: Sequence[StepCall
         model = step_ctx.engine.engine  # the forward runs through DeepSpeed's hooks
     loader = build_loader(store, cfg, dims, env)
 
-    ckpt = Checkpointer(run_dir, env, cfg.train.keep_last, engine=step_ctx.engine)
+    ckpt = Checkpointer(
+        run_dir,
+        env,
+        cfg.train.keep_last,
+        engine=step_ctx.engine,
+        checksums=cfg.train.ckpt_checksums,
+    )
     start_step = 0
     resume_from = ckpt.resolve(cfg.train.resume)
     if resume_from is not None:
@@ -113,8 +121,9 @@ def _train(cfg: RunConfig, run_dir: Path, env, step_callbacks: Sequence[StepCall
         exit_on_failure=env.distributed,
     )
 
-    def one_step(step: int) -> None:
-        """Read, train, log, checkpoint and call back for optimizer step `step`."""
+    def one_step(step: int) -> dict:
+        """Read, train, log, checkpoint and call back for optimizer step `step`; returns its
+        metrics line. A step whose update was skipped (non-finite) saves no checkpoint."""
         monitor.mark("data")
         step_batches = next(batches)
         assert step_batches.step == step, "loader and loop disagree on the step"
@@ -127,6 +136,8 @@ def _train(cfg: RunConfig, run_dir: Path, env, step_callbacks: Sequence[StepCall
             record.update(model.sp_comm_stats.step_metrics())
         monitor.mark("metrics")
         logger.log(record)
+        if record["skipped"] and not cfg.train.skip_nonfinite:
+            return record  # the loop stops the run
         done = step + 1
         if (cfg.train.ckpt_every and done % cfg.train.ckpt_every == 0) or (
             cfg.train.ckpt_final and done == cfg.train.steps
@@ -136,18 +147,27 @@ def _train(cfg: RunConfig, run_dir: Path, env, step_callbacks: Sequence[StepCall
         monitor.mark("step callbacks")
         for callback in step_callbacks:
             callback(step, record)
+        return record
 
     model.train()
     batches = iter(loader)
+    step, interrupted = start_step, False
     try:
         with monitor:
             for step in range(start_step, cfg.train.steps):
                 with monitor.step(step):
-                    one_step(step)
+                    record = one_step(step)
+                # Decided from the global loss and norm, so every rank stops here together
+                # (outside the monitor, which would report it as a crash of one rank).
+                if record["skipped"] and not cfg.train.skip_nonfinite:
+                    raise NonFiniteError(_nonfinite_message(record, ckpt))
+    except KeyboardInterrupt:
+        interrupted = True
+        raise RunInterrupted(_interrupt_message(step, ckpt, run_dir)) from None
     finally:
         loader.close()  # stop the prefetch thread, also when a step failed
+        plot = logger.close(draw_plot=not interrupted)  # a stopped run's plot helps too
     barrier(env)
-    plot = logger.close()
     if env.is_main:
         print(f"run directory: {run_dir}")
         print(f"  metrics:     {run_dir / 'metrics.jsonl'}")
@@ -155,6 +175,28 @@ def _train(cfg: RunConfig, run_dir: Path, env, step_callbacks: Sequence[StepCall
             print(f"  plot:        {plot}")
         print(f"  checkpoints: {ckpt.root}", flush=True)
     return run_dir
+
+
+def _newest(ckpt: Checkpointer) -> str:
+    return f"checkpoint {ckpt.root}/step_{max(ckpt.good):08d}" if ckpt.good else "no checkpoint"
+
+
+def _nonfinite_message(record: dict, ckpt: Checkpointer) -> str:
+    return (
+        f"step {record['step']}: the loss is {record['loss']} and the gradient norm "
+        f"{record['grad_norm']}; the update was not applied and the run stops (newest good: "
+        f"{_newest(ckpt)}). Resume with a lower optim.lr or optim.grad_clip, or set "
+        "train.skip_nonfinite=true to skip such steps"
+    )
+
+
+def _interrupt_message(step: int, ckpt: Checkpointer, run_dir: Path) -> str:
+    if not ckpt.good:
+        return f"interrupted during step {step}; no checkpoint was written yet"
+    return (
+        f"interrupted during step {step}; resume from {_newest(ckpt)} with "
+        f"train.resume=auto hydra.run.dir={run_dir}"
+    )
 
 
 def _finish_record(record: dict, step: int, step_batches, cfg: RunConfig, env) -> dict:
@@ -175,8 +217,11 @@ def _finish_record(record: dict, step: int, step_batches, cfg: RunConfig, env) -
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")
 def main(dcfg: DictConfig) -> None:
-    cfg: RunConfig = OmegaConf.to_object(dcfg)
-    train(cfg, Path(HydraConfig.get().runtime.output_dir))
+    # A bad value, path or checkpoint, a non-finite loss and Ctrl-C end in one line.
+    report_errors(
+        "longtrain.train",
+        lambda: train(to_run_config(dcfg), Path(HydraConfig.get().runtime.output_dir)),
+    )
 
 
 if __name__ == "__main__":

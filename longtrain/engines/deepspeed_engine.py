@@ -94,7 +94,7 @@ def deepspeed_config(cfg: RunConfig, world_size: int, block_numel: int, on_cuda:
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
         "managed_gradient_accumulation": False,
-        "gradient_clipping": float(cfg.optim.grad_clip),  # 0: no clipping
+        "gradient_clipping": float(cfg.optim.grad_clip or 0.0),  # 0: no clipping
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,  # our AdamW also steps offloaded state
@@ -124,10 +124,16 @@ class DeepSpeedRun:
 
     def step(self) -> float:
         """Reduce, clip, update and zero the gradients; returns the gradient norm before
-        clipping (nan when DeepSpeed did not compute one)."""
+        clipping (nan when DeepSpeed did not compute one). ZeRO skips the update when the
+        gradients are not finite (`step_applied` then says False)."""
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         return float("nan") if norm is None else float(norm)
+
+    @property
+    def step_applied(self) -> bool:
+        """Whether the latest `step` updated the parameters."""
+        return bool(self.engine.was_step_applied())
 
     def _layout(self) -> dict:
         return {"world_size": self.world_size, "zero_stage": self.zero_stage}

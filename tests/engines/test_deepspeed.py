@@ -2,6 +2,8 @@
 float64; under Ulysses sp=2 with the whole memory stack too; and a saved engine resumes to
 the very same numbers."""
 
+import math
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ from longtrain.engines.deepspeed_engine import deepspeed_config, validate_deepsp
 from longtrain.memory import apply_memory
 from longtrain.model import build_model
 from longtrain.optim import build_optimizer, build_scheduler
-from longtrain.step import StepContext
+from longtrain.step import StepContext, train_step
 from tests.engines.harness import (
     PAD_ID,
     deepspeed_step,
@@ -76,7 +78,25 @@ def _zero_worker(rank: int, world_size: int) -> dict:
             for step in range(STEPS)
         ]
         out[(stage, offload)] = (losses, full_parameters(run.module, stage))
+    out["nonfinite"] = _nonfinite_step(world_size, rank)
     return out
+
+
+def _nonfinite_step(world_size: int, rank: int) -> tuple[dict, bool]:
+    """A step whose loss (and so every gradient) is NaN, through `train_step` and ZeRO-2:
+    returns its metrics line and whether every parameter stayed as it was."""
+    cfg = run_config()
+    cfg.train.engine = "deepspeed"
+    cfg.train.deepspeed.zero_stage = 2
+    run, scheduler = _engine(build_model(cfg.model, seed=0), cfg, world_size, STEPS)
+    before = full_parameters(run.module, 2)
+    (mb,) = sequences(0, world_size)[rank : rank + 1]
+    mb.loss_weights = torch.full_like(mb.loss_weights, float("nan"))
+    ctx = StepContext(torch.device("cpu"), cfg.model.dtype, cfg.optim.grad_clip, PAD_ID)
+    ctx.engine = run
+    record = train_step(run.engine, run.engine.optimizer, scheduler, [mb], ctx)
+    after = full_parameters(run.module, 2)
+    return record, all(torch.equal(before[n], after[n]) for n in before)
 
 
 @pytest.mark.distributed
@@ -86,6 +106,9 @@ def test_zero_stages_equal_one_process():
     for case in ZERO_CASES:
         for results in per_rank:
             _check(*results[case], ref_losses, ref_params, f"stage, offload = {case}")
+    for results in per_rank:  # ZeRO's own check skipped the update; train_step reports it
+        record, unchanged = results["nonfinite"]
+        assert record["skipped"] and unchanged and math.isnan(record["loss"])
 
 
 def _sp_worker(rank: int, world_size: int, ckpt_dir: str) -> dict:
