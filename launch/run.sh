@@ -21,7 +21,13 @@
 #                  (default runs/<date_time>; required when NNODES > 1)
 #   PYTHON         the interpreter (default: the repository's .venv if present, else python3)
 #   TRAIN_MODULE   the module to run (default longtrain.train)
-#   DRY_RUN=1      print the torchrun command instead of running it
+#   DRY_RUN=1      print the torchrun command instead of running it (after the check below)
+#   SKIP_CHECK=1   do not check the config first. By default, when TRAIN_MODULE is
+#                  longtrain.train, `python -m longtrain.check --world-size NNODES*NGPU` composes
+#                  the trainer's arguments and checks them (no data, no GPU, a few seconds): a
+#                  misspelled key or an impossible grid stops here with one line and exit 2,
+#                  instead of failing in every rank and being retried MAX_RESTARTS times. Other
+#                  modules are never checked (their arguments need not be overrides).
 set -euo pipefail
 
 die() {
@@ -92,9 +98,16 @@ if [[ -n "${LOG_RANKS:-}" ]]; then
     [[ "$LOG_RANKS" =~ ^[0-9]+(,[0-9]+)*$ ]] || die "LOG_RANKS=$LOG_RANKS: expected local ranks like 0 or 0,3"
     cmd+=(--local-ranks-filter="$LOG_RANKS")
 fi
-cmd+=(-m "$TRAIN_MODULE" "hydra.run.dir=$RUN_DIR")
-[[ "$MAX_RESTARTS" -eq 0 ]] || cmd+=(train.resume=auto)
-cmd+=("$@")
+train_args=("hydra.run.dir=$RUN_DIR")
+[[ "$MAX_RESTARTS" -eq 0 ]] || train_args+=(train.resume=auto)
+train_args+=("$@")
+cmd+=(-m "$TRAIN_MODULE" "${train_args[@]}")
+
+# The trainer's own config errors, once and before torchrun (which would retry them): the same
+# arguments, for every rank of the job. Its "config ok" line goes to stderr with our messages.
+if [[ "$TRAIN_MODULE" == longtrain.train && "${SKIP_CHECK:-0}" != 1 ]]; then
+    "$PYTHON" -m longtrain.check --world-size $((NNODES * NGPU)) "${train_args[@]}" >&2 || exit $?
+fi
 
 # Restarted workers must not share the agent's store: with it they can read the previous
 # attempt's addresses and fail to connect (pytorch/pytorch#135712; measured here with torch

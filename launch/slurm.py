@@ -7,6 +7,11 @@
 The script is rendered here (every field filled, overrides shell-quoted), written next to the
 Slurm logs and submitted with `sbatch --parsable`; `--dry-run` prints the script and the exact
 command instead, so a launch can be checked on a machine without Slurm.
+
+Before anything is rendered, the trainer's config is composed from the overrides and checked for
+nodes x gpus-per-node processes (`python -m longtrain.check`, no data or GPU needed): a
+misspelled key or an impossible grid is one line and exit 2 here, not a job that queues and
+fails. `--skip-check` turns that off; a `--module` other than longtrain.train is not checked.
 """
 
 from __future__ import annotations
@@ -138,10 +143,34 @@ def sbatch_command(path: Path) -> list[str]:
     return ["sbatch", "--parsable", str(path)]
 
 
-def submit(job: SlurmJob, dry_run: bool, out: TextIO | None = None) -> str | None:
-    """Render `job`; print it and the command (`dry_run`), or write and submit it; messages go
-    to `out` (default stdout). Returns the Slurm job id, or None for a dry run."""
+def check_job(job: SlurmJob) -> str | None:
+    """Check the trainer's config of `job` for its nodes x gpus_per_node processes, as
+    `python -m longtrain.check` does; returns its `config ok: ...` line, or None when `job`
+    runs another module. Raises ValueError (one line) for a config that cannot start."""
+    if job.module != "longtrain.train":
+        return None
+    # Imported here: composing the config needs torch and Hydra, rendering does not.
+    try:
+        from longtrain.check import check_config
+    except ImportError as err:
+        raise RuntimeError(
+            f"cannot check the trainer's config here ({err}): run launch.slurm with the "
+            "training environment's python, or add --skip-check"
+        ) from err
+
+    return check_config(job.overrides, job.nodes * job.gpus_per_node)
+
+
+def submit(
+    job: SlurmJob, dry_run: bool, out: TextIO | None = None, check: bool = True
+) -> str | None:
+    """Check the trainer's config (`check`, see `check_job`), then render `job`; print it and the
+    command (`dry_run`), or write and submit it; messages go to `out` (default stdout). Returns
+    the Slurm job id, or None for a dry run. A failed check raises before anything is written."""
     out = out or sys.stdout
+    ok = check_job(job) if check else None
+    if ok:
+        print(f"# {ok}" if dry_run else ok, file=out)
     script = render_sbatch(job)
     path = script_path(job, time.strftime("%Y%m%d-%H%M%S"))
     command = sbatch_command(path)
@@ -168,12 +197,23 @@ def submit(job: SlurmJob, dry_run: bool, out: TextIO | None = None) -> str | Non
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[SlurmJob, bool]:
-    """The job and the dry-run flag from a command line."""
+    """The job and the dry-run flag from a command line (see `parse_command` for all flags)."""
+    job, dry_run, _ = parse_command(argv)
+    return job, dry_run
+
+
+def parse_command(argv: list[str] | None = None) -> tuple[SlurmJob, bool, bool]:
+    """(job, dry-run flag, check flag) from a command line."""
     p = argparse.ArgumentParser(
         prog="python -m launch.slurm",
         description="Render launch/slurm.sbatch for a longtrain run and submit it (or print it).",
     )
     p.add_argument("--dry-run", action="store_true", help="print the script and command only")
+    p.add_argument(
+        "--skip-check",
+        action="store_true",
+        help="do not check the trainer's config before rendering (python -m longtrain.check)",
+    )
     p.add_argument("--nodes", type=int, required=True)
     p.add_argument("--gpus-per-node", type=int, required=True, help="also processes per node")
     p.add_argument("--partition", default="")
@@ -221,16 +261,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[SlurmJob, bool]:
         python=a.python,
         module=a.module,
     )
-    return job, a.dry_run
+    return job, a.dry_run, not a.skip_check
 
 
 def main(argv: list[str] | None = None) -> int:
     """The `python -m launch.slurm` command; returns the exit status."""
     try:
-        job, dry_run = parse_args(argv)
-        submit(job, dry_run)
+        job, dry_run, check = parse_command(argv)
+        submit(job, dry_run, check=check)
     except (ValueError, RuntimeError) as err:
-        print(f"launch.slurm: {err}", file=sys.stderr)
+        print(f"launch.slurm: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     return 0
 

@@ -11,22 +11,30 @@ weights are stored in that layout, so they are copied as they are). Tied embeddi
 
 The exported directory is also a valid `model=hf model.path=OUT_DIR`, so training can
 continue in either form.
+
+Nothing of the user's is overwritten: OUT_DIR must be new, empty, or an earlier export of ours,
+which `longtrain_export.json` marks (it lists the files the export wrote). Re-exporting into
+such a directory replaces those files; any other file there makes the export refuse, before the
+checkpoint is even read.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
 from longtrain.config import RunConfig
+from longtrain.errors import DataError, report_errors
 from longtrain.model.hf import HFCausalLM
 from longtrain.model.llama import Transformer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+EXPORT_MARKER = "longtrain_export.json"  # in an exported directory: the files the export wrote
 
 # Our parameter names -> HF Llama's, per decoder layer.
 _LAYER_NAMES = {
@@ -97,6 +105,62 @@ def llama_config(
     )
 
 
+# --------------------------------------------------------------------------------------------
+# The output directory: new, empty, or an earlier export of ours
+
+
+def previous_export(out_dir: str | Path) -> list[str]:
+    """The files an earlier export wrote into `out_dir` (none for a new or empty directory).
+
+    Raises DataError when `out_dir` is not a directory, or holds anything that is neither one
+    of those files nor the marker: the export must not replace or mix with a user's files."""
+    out_dir = Path(out_dir)
+    if not out_dir.exists():
+        return []
+    if not out_dir.is_dir():
+        raise DataError(f"export directory {out_dir} is a file: choose a new or empty directory")
+    present = set(os.listdir(out_dir))
+    if not present:
+        return []
+    ours: set[str] = set()
+    if (out_dir / EXPORT_MARKER).is_file():
+        try:
+            ours = set(json.loads((out_dir / EXPORT_MARKER).read_text())["files"])
+        except (ValueError, KeyError, TypeError) as err:  # a marker we did not write
+            raise DataError(
+                f"export directory {out_dir} has an unreadable {EXPORT_MARKER} ({err}): "
+                "choose a new or empty directory"
+            ) from err
+    # A listed name that is now a directory is not ours either (we write files only).
+    foreign = sorted(
+        n for n in present - {EXPORT_MARKER} if n not in ours or (out_dir / n).is_dir()
+    )
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (
+            f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        )
+        raise DataError(
+            f"export directory {out_dir} is not empty and holds files this exporter did not "
+            f"write ({shown}): choose a new or empty directory (nothing was written)"
+        )
+    return sorted(ours & present)
+
+
+def _begin_export(out_dir: Path) -> None:
+    """Make `out_dir` ready for an export: created, or cleared of an earlier export's files."""
+    stale = previous_export(out_dir)  # raises before anything is touched
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in stale:  # e.g. shards of a larger earlier export that this one would not replace
+        (out_dir / name).unlink()
+
+
+def _finish_export(out_dir: Path) -> None:
+    """Write the marker: every file now in `out_dir` was written by this export."""
+    files = sorted(n for n in os.listdir(out_dir) if n != EXPORT_MARKER)
+    marker = {"exporter": "longtrain.model.hf_export", "files": files}
+    (out_dir / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+
+
 def export_llama(
     model: Transformer,
     out_dir: str | Path,
@@ -110,6 +174,7 @@ def export_llama(
     `max_position_embeddings`: the context length to declare (the run's data.seq_len, say);
     `dtype`: of the stored weights (default: the model's); `special_tokens`: bos_token_id /
     eos_token_id / pad_token_id of the tokenizer the model was trained with. Returns `out_dir`.
+    `out_dir` must be new, empty, or an earlier export (see `previous_export`).
     """
     from safetensors.torch import save_file
 
@@ -117,7 +182,7 @@ def export_llama(
         raise TypeError(f"export_llama takes a longtrain Transformer, got {type(model).__name__}")
     dtype = dtype or model.embed.weight.dtype
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _begin_export(out_dir)
     state = {
         hf_name(name): p.detach().to(device="cpu", dtype=dtype).contiguous()
         for name, p in model.named_parameters()  # a tied output is not a parameter of its own
@@ -125,14 +190,17 @@ def export_llama(
     config = llama_config(model, max_position_embeddings, dtype, special_tokens)
     config.save_pretrained(str(out_dir))
     save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    _finish_export(out_dir)
     return out_dir
 
 
 def export_hf_model(model: HFCausalLM, out_dir: str | Path, dtype: torch.dtype | None = None):
     """Save a trained `model=hf` model with transformers' own `save_pretrained` (weights in
-    `dtype`, default the model's; tied weights stay tied). The model itself is not changed."""
+    `dtype`, default the model's; tied weights stay tied). The model itself is not changed.
+    `out_dir` must be new, empty, or an earlier export (see `previous_export`)."""
     hf = model.hf
     out_dir = Path(out_dir)
+    _begin_export(out_dir)
     dtype = dtype or model.output_weight().dtype
     converted: dict[int, torch.Tensor] = {}  # storage -> converted copy, so ties stay visible
     state = {}
@@ -151,6 +219,7 @@ def export_hf_model(model: HFCausalLM, out_dir: str | Path, dtype: torch.dtype |
     config = json.loads(config_path.read_text())
     config["dtype"] = str(dtype).removeprefix("torch.")
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    _finish_export(out_dir)
     return out_dir
 
 
@@ -159,24 +228,25 @@ def export_hf_model(model: HFCausalLM, out_dir: str | Path, dtype: torch.dtype |
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
-    """(run directory, checkpoint directory) for a run directory (its newest complete
-    checkpoint) or a checkpoint directory `<run>/checkpoints/step_XXXXXXXX`."""
-    from longtrain.checkpoint import check_checkpoint, complete_checkpoints
+    """(run directory, checkpoint directory) for a run directory (its newest checkpoint that
+    passes verification, as `train.resume=auto` picks it) or a checkpoint directory
+    `<run>/checkpoints/step_XXXXXXXX` (which must pass)."""
+    from longtrain.checkpoint import Checkpointer
+    from longtrain.distributed import single_process_env
 
     path = Path(path)
     if (path / "config.yaml").is_file():
-        found = complete_checkpoints(path / "checkpoints")
-        if not found:
-            raise FileNotFoundError(f"{path} has no complete checkpoint under checkpoints/")
-        run_dir, ckpt = path, found[-1]
+        run_dir, resume = path, "auto"
     else:
-        run_dir, ckpt = path.parent.parent, path
+        run_dir, resume = path.parent.parent, str(path)
         if not (run_dir / "config.yaml").is_file():
             raise FileNotFoundError(
                 f"{path} is neither a run directory (with config.yaml) nor a checkpoint "
                 "inside one (<run>/checkpoints/step_XXXXXXXX)"
             )
-    check_checkpoint(ckpt)
+    ckpt = Checkpointer(run_dir, single_process_env(), keep_last=0).resolve(resume)
+    if ckpt is None:
+        raise FileNotFoundError(f"{path} has no complete checkpoint under checkpoints/")
     return run_dir, ckpt
 
 
@@ -205,7 +275,9 @@ def load_checkpoint_model(path: str | Path) -> tuple[torch.nn.Module, RunConfig]
 def export_checkpoint(
     path: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None
 ) -> Path:
-    """Export the model of a checkpoint (or of a run's newest one) to `out_dir`."""
+    """Export the model of a checkpoint (or of a run's newest one) to `out_dir`, which must be
+    new, empty, or an earlier export (checked before the checkpoint is read)."""
+    previous_export(out_dir)
     model, cfg = load_checkpoint_model(path)
     if isinstance(model, HFCausalLM):
         return export_hf_model(model, out_dir, dtype)
@@ -234,15 +306,23 @@ def store_special_tokens(store_dir: str | Path) -> dict[str, int | None]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The `python -m longtrain.model.hf_export` command: a user error is one line, exit 2."""
     parser = argparse.ArgumentParser(
         prog="python -m longtrain.model.hf_export",
         description="Export a longtrain checkpoint to a Hugging Face model directory.",
     )
     parser.add_argument("checkpoint", help="run directory (newest checkpoint) or checkpoint dir")
-    parser.add_argument("out_dir", help="directory to write config.json + model.safetensors")
+    parser.add_argument(
+        "out_dir",
+        help="new or empty directory (or an earlier export) for config.json + model.safetensors",
+    )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="stored dtype")
     args = parser.parse_args(argv)
-    out = export_checkpoint(args.checkpoint, args.out_dir, DTYPES.get(args.dtype))
+
+    def run() -> Path:
+        return export_checkpoint(args.checkpoint, args.out_dir, DTYPES.get(args.dtype))
+
+    out = report_errors("longtrain.model.hf_export", run)
     print(f"exported {args.checkpoint} -> {out}")
 
 
@@ -250,6 +330,7 @@ if __name__ == "__main__":
     main()
 
 __all__ = [
+    "EXPORT_MARKER",
     "export_checkpoint",
     "export_hf_model",
     "export_llama",
@@ -257,5 +338,6 @@ __all__ = [
     "llama_config",
     "load_checkpoint_model",
     "load_run_config",
+    "previous_export",
     "resolve_checkpoint",
 ]

@@ -1,5 +1,6 @@
 """launch/run.sh: the torchrun command it builds from its settings, the mistakes it refuses,
-and a real two-process start on this machine (with a stand-in for the trainer)."""
+the config check before torchrun, and a real two-process start on this machine (with a
+stand-in for the trainer)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 RUN_SH = REPO / "launch" / "run.sh"
 RUN_SH_SETTINGS = (  # run.sh's variables: the caller's environment must not leak into a test
     "NGPU", "NNODES", "RDZV_ENDPOINT", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "RDZV_ID",
-    "MAX_RESTARTS", "LOG_RANKS", "RUN_DIR", "PYTHON", "TRAIN_MODULE", "DRY_RUN",
+    "MAX_RESTARTS", "LOG_RANKS", "RUN_DIR", "PYTHON", "TRAIN_MODULE", "DRY_RUN", "SKIP_CHECK",
     "CUDA_VISIBLE_DEVICES",
 )  # fmt: skip
 
@@ -43,8 +44,9 @@ def _torchrun_args(cmd: list[str]) -> tuple[list[str], list[str]]:
 
 
 def test_one_machine_with_restarts_and_rank_filter():
-    cmd = _dry_run("model=tiny", "data.source=dir:/my texts", NGPU="3", MAX_RESTARTS="2",
-                   LOG_RANKS="0,2", RUN_DIR="runs/a b")  # fmt: skip
+    # The config is checked for 3 processes (global batch a multiple of 3), reading no data.
+    cmd = _dry_run("model=tiny", "data.source=dir:/my texts", "train.global_batch=6", NGPU="3",
+                   MAX_RESTARTS="2", LOG_RANKS="0,2", RUN_DIR="runs/a b")  # fmt: skip
     venv_python = REPO / ".venv" / "bin" / "python"
     assert cmd[0] == (str(venv_python) if venv_python.exists() else "python3")
     options, trainer = _torchrun_args(cmd)
@@ -59,7 +61,7 @@ def test_one_machine_with_restarts_and_rank_filter():
     ]
     # Restarts resume; the user's overrides come last so that they win.
     assert trainer == ["hydra.run.dir=runs/a b", "train.resume=auto", "model=tiny",
-                       "data.source=dir:/my texts"]  # fmt: skip
+                       "data.source=dir:/my texts", "train.global_batch=6"]  # fmt: skip
 
 
 def test_defaults_pick_a_fresh_run_dir_and_do_not_resume():
@@ -71,8 +73,16 @@ def test_defaults_pick_a_fresh_run_dir_and_do_not_resume():
 
 
 def test_multi_node_rendezvous():
+    # The default global batch (8) cannot start on 32 or 16 ranks (see the check's own test
+    # below); these commands are about the rendezvous only.
     c10d, _ = _torchrun_args(
-        _dry_run(NNODES="4", NGPU="8", RDZV_ENDPOINT="node07:29400", RUN_DIR="/shared/run1")
+        _dry_run(
+            NNODES="4",
+            NGPU="8",
+            RDZV_ENDPOINT="node07:29400",
+            RUN_DIR="/shared/run1",
+            SKIP_CHECK="1",
+        )  # fmt: skip
     )
     assert c10d[:5] == [
         "--nnodes=4",
@@ -89,6 +99,7 @@ def test_multi_node_rendezvous():
             MASTER_PORT="29500",
             NODE_RANK="1",
             RUN_DIR="/shared/run1",
+            SKIP_CHECK="1",
         )  # fmt: skip
     )
     assert static[2:5] == ["--node_rank=1", "--master_addr=10.0.0.1", "--master_port=29500"]
@@ -110,6 +121,35 @@ def test_mistakes_are_refused_with_the_fix(overrides, settings, message):
     done = _run_sh(*overrides, DRY_RUN="1", **settings)
     assert done.returncode == 2
     assert message in done.stderr
+
+
+def test_a_config_error_stops_before_torchrun(tmp_path):
+    """Without the check, torchrun starts 2 ranks that each fail, 3 times (MAX_RESTARTS=2)."""
+    run_dir = tmp_path / "run"
+    done = _run_sh("train.micro_batch=-1", NGPU="2", MAX_RESTARTS="2", RUN_DIR=str(run_dir))
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.splitlines() == [
+        "longtrain.check: error: train.micro_batch=-1 must be >= 0 (0: the whole batch in one "
+        "forward)"
+    ]
+    assert done.stdout == "" and not run_dir.exists()  # torchrun never started
+
+
+def test_dry_run_is_checked_for_every_node_unless_skipped():
+    settings = dict(NNODES="4", NGPU="8", RDZV_ENDPOINT="node07:29400", RUN_DIR="/shared/run1")
+    done = _run_sh(DRY_RUN="1", **settings)
+    assert done.returncode == 2 and done.stdout == ""  # no command printed
+    assert done.stderr.splitlines() == [
+        "longtrain.check: error: world size 32 does not divide train.global_batch=8; use a "
+        "multiple of 32"
+    ]
+    ok = _run_sh("train.global_batch=64", DRY_RUN="1", **settings)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stderr.startswith("config ok: 32 processes = dp=32 x ulysses=1 x ring=1")
+    assert shlex.split(ok.stdout)[-1] == "train.global_batch=64"  # stdout: the command only
+    skipped = _run_sh("trian.steps=5", DRY_RUN="1", SKIP_CHECK="1", **settings)
+    assert skipped.returncode == 0 and skipped.stderr == ""
+    assert shlex.split(skipped.stdout)[-1] == "trian.steps=5"
 
 
 @pytest.mark.distributed

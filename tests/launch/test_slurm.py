@@ -80,6 +80,8 @@ def _dry_run(capsys, *args: str) -> tuple[str, list[str]]:
     """(script, submit command) printed by `python -m launch.slurm --dry-run *args`."""
     assert main(["--dry-run", *args]) == 0
     out = capsys.readouterr().out
+    checked = "--module" not in args and "--skip-check" not in args
+    assert out.startswith("# config ok: ") == checked, out[:300]
     script = out.split("# ---- submit command ----\n")[0].split(" ----\n", 1)[1]
     command = shlex.split(out.split("# ---- submit command ----\n")[1])
     return script, command
@@ -110,7 +112,14 @@ def _recorded(path: Path) -> list[str]:
 
 
 def test_dry_run_4x8_has_the_right_torchrun_arguments(shims, capsys):
-    overrides = ["experiment=demo_cpu", "data.source=dir:/my data", "optim.lr=3e-4"]
+    # demo_cpu's ulysses=0 would take all 32 ranks (more than the tiny model's 4 heads): the
+    # config check refuses that (see test_config_errors_...), so the degree is set.
+    overrides = [
+        "experiment=demo_cpu",
+        "parallel.ulysses=4",
+        "data.source=dir:/my data",
+        "optim.lr=3e-4",
+    ]
     script, command = _dry_run(
         capsys, "--nodes", "4", "--gpus-per-node", "8", "--partition", "gpu", "--time",
         "2:00:00", "--max-restarts", "2", *overrides,
@@ -217,6 +226,7 @@ def test_signal_requeues_the_job(shims, sig, requeue_on_term, requeued):
 def test_submit_writes_the_script_and_calls_sbatch(shims, capsys):
     assert main(["--nodes", "1", "--gpus-per-node", "2", "--job-name", "abl", "train.steps=9"]) == 0
     out = capsys.readouterr().out
+    assert out.startswith("config ok: 2 processes = dp=2 x ulysses=1 x ring=1")
     assert "submitted job 424242" in out
     assert f"{shims}/runs/slurm/abl-424242.out" in out
     args = _recorded(shims / "sbatch.args")
@@ -238,6 +248,37 @@ def test_bad_requests_are_refused_with_the_fix(capsys, args, message):
     base = ["--dry-run", "--nodes", "1", "--gpus-per-node", "1"]
     assert main([*base, *args]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "submit"])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--nodes", "1", "--gpus-per-node", "2", "train.stepz=10"],
+         "launch.slurm: Could not override 'train.stepz': Key 'stepz' not in 'TrainConfig'"),
+        (["--nodes", "1", "--gpus-per-node", "2", "+train.foo=1"],
+         "launch.slurm: unknown config key(s) train.foo"),
+        # The whole job's world size (4 x 8): Ulysses over all 32 ranks, but 4 heads.
+        (["--nodes", "4", "--gpus-per-node", "8", "experiment=demo_cpu"],
+         "launch.slurm: ulysses=32 needs query heads (4) divisible by 32"),
+        (["--nodes", "3", "--gpus-per-node", "1"],
+         "launch.slurm: world size 3 does not divide train.global_batch=8"),
+    ],
+)  # fmt: skip
+def test_config_errors_are_one_line_and_nothing_is_written(shims, capsys, args, message, dry_run):
+    assert main(["--dry-run", *args] if dry_run else args) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines() == [err.strip()] and err.startswith(message), err
+    assert not (shims / "runs").exists() and not (shims / "sbatch.args").exists()
+
+
+def test_skip_check_and_other_modules_are_not_checked(shims, capsys):
+    _dry_run(capsys, "--nodes", "1", "--gpus-per-node", "1", "--skip-check", "train.stepz=10")
+    script, _ = _dry_run(
+        capsys, "--nodes", "1", "--gpus-per-node", "1", "--module", "tests.launch.echo_rank", "a=1"
+    )
+    assert "-m tests.launch.echo_rank" in script and "a=1" in script
 
 
 def test_no_sbatch_on_path_says_what_to_do(tmp_path, monkeypatch, capsys):

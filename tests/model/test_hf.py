@@ -9,6 +9,7 @@ and `logits.float()` in its loss), the tolerance says so.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -34,9 +35,16 @@ from longtrain.data.batch import IGNORE_INDEX, PackedBatch
 from longtrain.data.setup import build_loader
 from longtrain.data.token_store import TokenStore
 from longtrain.distributed import DistEnv
+from longtrain.errors import DataError
 from longtrain.model import HFCausalLM, build_model
 from longtrain.model.hf import check_seq_len, hf_model_config
-from longtrain.model.hf_export import export_checkpoint, export_llama, hf_name, main
+from longtrain.model.hf_export import (
+    EXPORT_MARKER,
+    export_checkpoint,
+    export_llama,
+    hf_name,
+    main,
+)
 from longtrain.train import load_config, train
 from tests.fixtures import write_text_corpus
 
@@ -376,6 +384,12 @@ def test_trains_and_exports_an_hf_run(tmp_path, hf_dirs, corpus):
     assert exported["model_type"] == "qwen2" and exported["tie_word_embeddings"]
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert "lm_head.weight" not in set(f.keys())  # tied: stored once
+    # save_pretrained's files are marked as the export's own, so exporting there again works.
+    written = json.loads((out / EXPORT_MARKER).read_text())["files"]
+    assert "model.safetensors" in written and written == sorted(
+        set(os.listdir(out)) - {EXPORT_MARKER}
+    )
+    export_checkpoint(run_dir / "checkpoints" / "step_00000002", out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -435,7 +449,59 @@ def test_export_round_trip(tmp_path, tie):
     torch.testing.assert_close(back.logits(hidden), theirs, rtol=1e-12, atol=1e-12)
 
 
-def test_export_of_a_trained_checkpoint(tmp_path, corpus):
+def test_export_never_replaces_a_users_files(tmp_path):
+    model = tiny_transformer(tie=False)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    with pytest.raises(DataError) as err:
+        export_llama(model, mine, max_position_embeddings=64)
+    assert str(err.value) == (
+        f"export directory {mine} is not empty and holds files this exporter did not write "
+        "(notes.txt): choose a new or empty directory (nothing was written)"
+    )
+    assert os.listdir(mine) == ["notes.txt"] and (mine / "notes.txt").read_text() == "my notes"
+    with pytest.raises(DataError, match="notes.txt is a file: choose a new or empty directory"):
+        export_llama(model, mine / "notes.txt", max_position_embeddings=64)
+
+    # Its own earlier export may be replaced: the marker lists what it wrote.
+    out = export_llama(model, tmp_path / "hf", max_position_embeddings=64)
+    written = json.loads((out / EXPORT_MARKER).read_text())["files"]
+    assert written == ["config.json", "model.safetensors"]
+    # An earlier export's file that this one does not write (a shard, say) does not linger.
+    (out / "model-00002-of-00002.safetensors").write_bytes(b"old")
+    marker = {"files": [*written, "model-00002-of-00002.safetensors"]}
+    (out / EXPORT_MARKER).write_text(json.dumps(marker))
+    export_llama(tiny_transformer(tie=True), out, max_position_embeddings=64)
+    assert sorted(os.listdir(out)) == ["config.json", EXPORT_MARKER, "model.safetensors"]
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+
+    # A file of the user's beside an export (a tokenizer, say): refused, nothing touched.
+    (out / "tokenizer.json").write_text("{}")
+    with pytest.raises(DataError, match=r"\(tokenizer.json\): choose a new or empty directory"):
+        export_llama(model, out, max_position_embeddings=64)
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+
+
+def test_export_command_errors_are_one_line(tmp_path):
+    """A missing checkpoint: one line and exit status 2, not a traceback; nothing created."""
+    missing, out = tmp_path / "no_run", tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-m", "longtrain.model.hf_export", str(missing), str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.splitlines() == [
+        f"longtrain.model.hf_export: error: {missing} is neither a run directory (with "
+        "config.yaml) nor a checkpoint inside one (<run>/checkpoints/step_XXXXXXXX)"
+    ]
+    assert not out.exists()
+
+
+def test_export_of_a_trained_checkpoint(tmp_path, corpus, capsys):
     common = [
         "model.dim=32",
         "model.n_layers=2",
@@ -451,7 +517,21 @@ def test_export_of_a_trained_checkpoint(tmp_path, corpus):
         load_config([*common, "train.steps=3", "train.ckpt_every=2", "train.keep_last=0"]),
         tmp_path / "run",
     )
-    main([str(run_dir / "checkpoints" / "step_00000002"), str(tmp_path / "hf")])
+    checkpoint = str(run_dir / "checkpoints" / "step_00000002")
+    # A directory of the user's is refused before the checkpoint is read: one line, status 2.
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "README.md").write_text("mine")
+    capsys.readouterr()  # the run's own output
+    with pytest.raises(SystemExit) as exited:
+        main([checkpoint, str(tmp_path / "mine")])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"longtrain.model.hf_export: error: export directory {tmp_path / 'mine'} is not empty "
+        "and holds files this exporter did not write (README.md): choose a new or empty "
+        "directory (nothing was written)"
+    ]
+    assert os.listdir(tmp_path / "mine") == ["README.md"]
+    main([checkpoint, str(tmp_path / "hf")])
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     store = TokenStore.open(tmp_path / "store")
     assert (config["eos_token_id"], config["pad_token_id"]) == (store.eos_id, store.pad_id)
