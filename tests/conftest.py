@@ -8,6 +8,7 @@ directory's tests imported the model). With a GPU nothing is set.
 """
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,3 +30,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """60 small .txt documents (tests.fixtures.write_text_corpus); read-only for tests."""
+    from tests.fixtures import write_text_corpus
+
+    return write_text_corpus(tmp_path_factory.mktemp("corpus"), num_docs=60)

@@ -32,13 +32,6 @@ def _ckpt_names(run_dir: Path) -> list[str]:
     return sorted(p.name for p in (run_dir / "checkpoints").iterdir())
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    from tests.fixtures import write_text_corpus
-
-    return write_text_corpus(tmp_path_factory.mktemp("corpus"), num_docs=60)
-
-
 def _base(corpus: Path, tmp_path: Path) -> list[str]:
     return [
         *SMALL,

@@ -12,7 +12,6 @@ import pytest
 
 from longtrain.checkpoint import CheckpointError
 from longtrain.train import load_config, train
-from tests.fixtures import write_text_corpus
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = [
@@ -27,11 +26,6 @@ SMALL = [
     "logging.wandb.mode=disabled",
     "logging.progress=false",
 ]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    return write_text_corpus(tmp_path_factory.mktemp("corpus"), num_docs=60)
 
 
 def data_overrides(corpus: Path, store: Path) -> list[str]:

@@ -23,13 +23,6 @@ from tests.test_train import REPO, SMALL, data_overrides, read_metrics
 EXPLODE = ["optim.lr=1e6", "optim.warmup_steps=0", "train.ckpt_every=1", "train.keep_last=1"]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    from tests.fixtures import write_text_corpus
-
-    return write_text_corpus(tmp_path_factory.mktemp("corpus"), num_docs=60)
-
-
 @pytest.fixture
 def base(tmp_path, corpus) -> list[str]:
     return [*SMALL, *data_overrides(corpus, tmp_path / "store"), "logging.plot=false"]
