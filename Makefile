@@ -29,6 +29,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports  # the layers of docs/ARCHITECTURE.md (contracts in pyproject.toml)
 
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .

@@ -109,11 +109,11 @@ def _measure(rank: int, world: int, case: tuple, seq_len: int) -> int:
     from torch.profiler import ProfilerActivity, profile, record_function
 
     from longtrain.distributed import DistEnv
-    from longtrain.memory import apply_memory
+    from longtrain.distributed.memory import apply_memory
+    from longtrain.distributed.fsdp2 import apply_fsdp2
     from longtrain.model import build_model
-    from longtrain.optim import build_optimizer, build_scheduler
-    from longtrain.parallelize import _apply_fsdp2
-    from longtrain.step import StepContext, train_step
+    from longtrain.trainer.optimizer import build_optimizer, build_scheduler
+    from longtrain.trainer.step import StepContext, train_step
 
     _, _, method, engine, memory = case
     cfg = run_config(world, method, engine, memory, seq_len)
@@ -129,7 +129,7 @@ def _measure(rank: int, world: int, case: tuple, seq_len: int) -> int:
             parallel.apply(model, dims, cfg.parallel)
         apply_memory(model, cfg.train.memory)
         if engine == "fsdp2":
-            _apply_fsdp2(model, DistEnv(rank, world, 0, torch.device("cpu")), cfg.model.dtype)
+            apply_fsdp2(model, DistEnv(rank, world, 0, torch.device("cpu")))
         optimizer = build_optimizer(model, cfg.optim)
         scheduler = build_scheduler(optimizer, cfg.optim, 2)
         ctx = StepContext(
@@ -150,7 +150,7 @@ def _measure_rank(rank: int, world: int, case: tuple, seq_len: int) -> int:
 
 
 def predict(case: tuple, seq_len: int):
-    from longtrain.planner.config import PlanConfig
+    from longtrain.config import PlanConfig
     from longtrain.planner.simulate import Planner
 
     _, world, method, engine, memory = case

@@ -18,55 +18,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from pathlib import Path
-
-from hydra import compose, initialize_config_dir
-from hydra.errors import HydraException
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 import parallel
-from longtrain.config import RunConfig, register_configs, to_run_config
-from longtrain.data.setup import check_global_batch
+from longtrain.config import RunConfig, compose_config
+from longtrain.config.rules import check_global_batch, validate_run_config
+from longtrain.distributed.parallelize import resolve_degrees
 from longtrain.errors import ConfigError, report_errors
 from longtrain.model import validate_model_config
-from longtrain.parallelize import resolve_degrees
-from longtrain.validate import validate_run_config
-
-register_configs()
-# The tree `@hydra.main(config_path="../configs")` of longtrain/train.py reads (a test pins it
-# to train.CONFIG_DIR; importing the trainer here would cost the launchers seconds).
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-
-def _hydra_message(err: BaseException) -> str:
-    """Hydra's message and its cause's on one line, without the parts that mislead or repeat."""
-
-    def own(e: BaseException) -> str:
-        # OmegaConf's full_key/object_type lines and Hydra's search path repeat the first line;
-        # Hydra's "To append to your config use +key=" names what to_run_config refuses.
-        text = str(e).split("\n    full_key:")[0].split("Config search path:")[0]
-        lines = text.splitlines()
-        return " ".join(ln for ln in lines if not ln.startswith("To append to your config"))
-
-    text = own(err)
-    if err.__cause__ is not None and str(err.__cause__):
-        text = f"{text.rstrip().rstrip('.')}: {own(err.__cause__)}"
-    if isinstance(err.__cause__, (ConfigAttributeError, ConfigKeyError)):
-        text += " (`python -m longtrain.train --cfg job` prints every key)"
-    return " ".join(text.split())
-
-
-def compose_run_config(overrides: list[str]) -> RunConfig:
-    """The typed config `python -m longtrain.train *overrides` would run with.
-
-    Raises ConfigError (one line) for what Hydra or OmegaConf refuse (a misspelled key, an
-    unknown group option, a value of the wrong type) and for keys added with `+key=`."""
-    try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            dcfg = compose("config", overrides=list(overrides))
-        return to_run_config(dcfg)  # resolves interpolations (model=hf reads config.json)
-    except (HydraException, OmegaConfBaseException) as err:
-        raise ConfigError(_hydra_message(err)) from err
 
 
 def check_run_config(cfg: RunConfig, world_size: int) -> str:
@@ -100,7 +58,7 @@ def check_config(overrides: list[str], world_size: int) -> str:
 
     Returns the `config ok: ...` line; raises ValueError (a ConfigError for config mistakes)
     with a one-line message naming the value and the fix."""
-    return check_run_config(compose_run_config(overrides), world_size)
+    return check_run_config(compose_config(overrides), world_size)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -118,4 +76,4 @@ def main(argv: list[str] | None = None) -> None:
 if __name__ == "__main__":
     main()
 
-__all__ = ["CONFIG_DIR", "check_config", "check_run_config", "compose_run_config", "main"]
+__all__ = ["check_config", "check_run_config", "main"]

@@ -1,7 +1,7 @@
 """`python -m longtrain.plan [overrides]`: what one GPU of the configured run will hold, and the
 longest sequence that fits, before launching anything.
 
-Takes the same overrides as `longtrain.train` plus the `plan` group (`longtrain.planner.config`):
+Takes the same overrides as `longtrain.train` plus the `plan` group (`longtrain.config`):
     python -m longtrain.plan experiment=llama3_8b_1m_sp8
     python -m longtrain.plan experiment=llama3_8b_1m_sp8 parallel.ulysses=4 plan.gpu_mem_gib=40
 
@@ -17,44 +17,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
-from hydra import compose, initialize_config_dir
-from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from longtrain.config import RunConfig, register_configs, to_run_config
+from longtrain.config import PlanConfig, register_configs, to_run_config
 from longtrain.errors import LongtrainError, report_errors
-from longtrain.planner.config import PlanConfig
 from longtrain.planner.search import PlanError, budget_bytes, find_max_seq_len
 from longtrain.planner.simulate import GIB, Planner, StepMemory
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-
-@dataclass
-class PlanRunConfig(RunConfig):
-    """The run schema with the `plan` group, until RunConfig carries it itself."""
-
-    plan: PlanConfig = field(default_factory=PlanConfig)
-
-
-def register_plan_schema() -> None:
-    """Make the root schema know `plan` (a no-op once RunConfig has the field)."""
-    register_configs()
-    if "plan" not in {f.name for f in dataclasses.fields(RunConfig)}:
-        ConfigStore.instance().store(name="run_schema", node=PlanRunConfig)
-
-
-def load_plan_config(overrides: list[str] | None = None):
-    """The typed config that `python -m longtrain.plan *overrides` plans (has `.plan`)."""
-    register_plan_schema()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        dcfg = compose("config", overrides=list(overrides or []))
-    return to_run_config(dcfg)
 
 
 def _point(m: StepMemory) -> dict:
@@ -157,7 +129,8 @@ def _main(dcfg: DictConfig) -> None:
 
 
 def main() -> None:
-    register_plan_schema()
+    """The command: register the schema with Hydra, then let Hydra parse the overrides."""
+    register_configs()
     _main()
 
 

@@ -13,7 +13,7 @@ Imports only `kernels` and torch (never `longtrain`).
 from parallel.apply import SPAttention, apply
 from parallel.comm_stats import CommCost, CommStats, ring_cost, ulysses_cost, usp_cost
 from parallel.dims import ParallelDims, valid_ulysses_degrees
-from parallel.layout import ShardedLayout, SPMeta, shard_packed
+from parallel.layout import ShardedLayout, SPMeta, check_method, shard_packed
 from parallel.ring import ring_attn_varlen_func
 from parallel.ring_allgather import ring_allgather_attn_varlen_func
 from parallel.sharding import SPLayout, contiguous_split, gather_back, zigzag_split
@@ -21,6 +21,7 @@ from parallel.ulysses import ulysses_attn_varlen_func
 from parallel.usp import usp_attn_varlen_func
 
 __all__ = [
+    "check_method",
     "CommCost",
     "CommStats",
     "ParallelDims",

@@ -27,13 +27,20 @@ METHODS = ("none", "ulysses", "ring", "usp")
 RING_IMPLS = ("zigzag", "allgather")
 
 
+def check_method(method: str, ring_impl: str) -> None:
+    """ValueError unless `method` and `ring_impl` are ones this package implements."""
+    if method not in METHODS:
+        raise ValueError(f"parallel.method={method!r}; expected one of {', '.join(METHODS)}")
+    if ring_impl not in RING_IMPLS:
+        raise ValueError(
+            f"parallel.ring_impl={ring_impl!r}; expected one of {', '.join(RING_IMPLS)}"
+        )
+
+
 def check_config(dims: ParallelDims, cfg) -> None:
     """ValueError unless cfg.method / cfg.ring_impl agree with the degrees of `dims`."""
-    method, impl = cfg.method, getattr(cfg, "ring_impl", "zigzag")
-    if method not in METHODS:
-        raise ValueError(f"parallel.method {method!r} is not one of {', '.join(METHODS)}")
-    if impl not in RING_IMPLS:
-        raise ValueError(f"parallel.ring_impl {impl!r} is not one of {', '.join(RING_IMPLS)}")
+    method = cfg.method
+    check_method(method, getattr(cfg, "ring_impl", "zigzag"))
     u, r = dims.ulysses, dims.ring
     if method == "none" and u * r != 1:
         raise ValueError(f"parallel=none but ulysses={u}, ring={r}; pick ulysses, ring or usp")

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from longtrain.checkpoint import Checkpointer, CheckpointError
-from longtrain.checkpoint_manifest import MANIFEST, verify_checkpoint, write_manifest
 from longtrain.distributed import DistEnv, single_process_env
 from longtrain.train import load_config, train
+from longtrain.trainer.checkpoint import Checkpointer, CheckpointError
+from longtrain.trainer.manifest import MANIFEST, verify_checkpoint, write_manifest
 from tests.spawn import spawn
 from tests.test_train import SMALL, data_overrides, read_metrics, run_cli
 

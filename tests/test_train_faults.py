@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from longtrain.errors import NonFiniteError
-from longtrain.plot import SUPERSEDED
-from longtrain.run_dir import RunDirError
 from longtrain.train import load_config, train
+from longtrain.trainer.plot import SUPERSEDED
+from longtrain.trainer.run_dir import RunDirError
 from tests.test_train import REPO, SMALL, data_overrides, read_metrics
 
 # optim.lr=1e6 from the first step: the reproduction (NaN from step 2, exit 0).

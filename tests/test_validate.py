@@ -1,13 +1,13 @@
-"""Bad config values are one clear error before any work (longtrain/validate.py,
-longtrain/config.py `to_run_config`); each case here used to be accepted silently."""
+"""Bad config values are one clear error before any work (longtrain/config/rules.py,
+longtrain/config/schema.py `to_run_config`); each case here used to be accepted silently."""
 
 from __future__ import annotations
 
 import pytest
 
+from longtrain.config.rules import validate_run_config
 from longtrain.errors import ConfigError
 from longtrain.train import load_config
-from longtrain.validate import validate_run_config
 
 
 @pytest.mark.parametrize(

@@ -30,9 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from longtrain.config.schema import CURRICULA
 from longtrain.data.packing import check_seq_len
-
-CURRICULA = ("uniform", "grow_linear", "grow_p2")
 
 
 def curriculum_odds(curriculum: str | Sequence[float], num_buckets: int) -> np.ndarray:

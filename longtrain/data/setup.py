@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from longtrain.config import EMBEDDED_STORE_DIR, DataConfig, RunConfig
+from longtrain.config.rules import check_global_batch, stage_batch
 from longtrain.data.curriculum import Stage
 from longtrain.data.decomposition import decompose
 from longtrain.data.loader import PackedLoader
@@ -20,37 +21,9 @@ from longtrain.data.schedule import (
 )
 from longtrain.data.token_store import TokenStore
 from longtrain.data.tokenizer import load_tokenizer
-from longtrain.distributed import DistEnv, broadcast_object
-from longtrain.errors import DataError, LongtrainError, one_line
+from longtrain.errors import DataError
 
 PACKERS = {"concat_chunk": concat_chunk, "best_fit": best_fit}
-PACKINGS = (*PACKERS, "decomposition")
-# What rank 0 reports to every rank as a DataError; anything else is a bug and keeps its
-# traceback on rank 0 (the other ranks still raise, with its one-line message).
-_USER_ERRORS = (LongtrainError, ValueError, OSError, ImportError)
-
-
-def open_token_store(cfg: DataConfig, env: DistEnv) -> TokenStore:
-    """Open the token store the data config names (`resolve_token_store` says how).
-
-    Rank 0 builds or checks it while the others wait; rank 0 then broadcasts None or its
-    error's message, so every rank opens the store or raises the same DataError (no rank is
-    left waiting for a peer that failed)."""
-    store, error, failure = None, None, None
-    if env.is_main:
-        try:
-            store = resolve_token_store(cfg)
-        except Exception as err:  # every failure must reach the other ranks before we raise
-            failure = err
-            error = one_line(err)
-            if not isinstance(err, _USER_ERRORS):
-                error = f"{type(err).__name__} while preparing the token store: {error}"
-    error = broadcast_object(error, env)
-    if error is not None:
-        if failure is not None and not isinstance(failure, _USER_ERRORS):
-            raise failure
-        raise DataError(error) from failure
-    return store if store is not None else TokenStore.open(cfg.store_dir)
 
 
 def resolve_token_store(cfg: DataConfig, show_progress: bool = True) -> TokenStore:
@@ -125,31 +98,19 @@ def _check_store_matches(store: TokenStore, cfg: DataConfig) -> None:
 
 
 def build_schedule(store: TokenStore, cfg: RunConfig):
-    """The step -> sequences schedule the data config describes."""
+    """The step -> sequences schedule the data config describes (checked by
+    `longtrain.config.rules`: a known packing, stages that divide, a power-of-two seq_len
+    for decomposition)."""
     data, seed = cfg.data, cfg.train.seed
-    if data.packing not in PACKINGS:
-        raise ValueError(f"data.packing={data.packing!r} is not one of {PACKINGS}")
     tokens_per_step = cfg.train.global_batch * data.seq_len
     if data.stages:
-        if data.packing == "decomposition":
-            raise ValueError("data.stages needs a fixed-length packing (best_fit, concat_chunk)")
-        specs = []
-        for k, st in enumerate(data.stages):
-            batch = st.global_batch or tokens_per_step // st.seq_len
-            if batch < 1 or (not st.global_batch and tokens_per_step % st.seq_len):
-                raise ValueError(
-                    f"data.stages[{k}]: seq_len {st.seq_len} does not divide the "
-                    f"{tokens_per_step} tokens per step; set data.stages[{k}].global_batch"
-                )
-            specs.append(StageSpec(Stage(st.steps, st.seq_len, st.rope_theta), batch))
+        specs = [
+            StageSpec(Stage(st.steps, st.seq_len, st.rope_theta), stage_batch(st, tokens_per_step))
+            for st in data.stages
+        ]
         return StagedSchedule(specs, store.doc_lengths, PACKERS[data.packing], seed, data.shuffle)
     if data.packing == "decomposition":
         max_log2 = data.max_log2 or int(math.log2(data.seq_len))
-        if data.max_log2 == 0 and 1 << max_log2 != data.seq_len:
-            raise ValueError(
-                f"packing=decomposition needs data.seq_len a power of two (got {data.seq_len}) "
-                "or an explicit data.max_log2"
-            )
         dec = decompose(store.doc_lengths, data.min_log2, max_log2)
         return DecompositionSchedule(
             dec, tokens_per_step, data.curriculum, data.curriculum_cycles, seed
@@ -158,18 +119,8 @@ def build_schedule(store: TokenStore, cfg: RunConfig):
     return FixedLengthSchedule(packing, cfg.train.global_batch, seed, data.shuffle)
 
 
-def check_global_batch(global_batch: int, dp_size: int) -> None:
-    """Each data-parallel rank takes an equal share of the sequences of a step."""
-    if global_batch % dp_size:
-        raise ValueError(
-            f"train.global_batch ({global_batch}) must be divisible by the "
-            f"data-parallel size ({dp_size}); use a multiple of {dp_size}"
-        )
-
-
-def build_loader(store: TokenStore, cfg: RunConfig, dims, env: DistEnv) -> PackedLoader:
-    """The loader of this rank's data-parallel share."""
-    dp_rank, dp_size = (0, 1) if dims is None else (dims.dp_rank, dims.dp)
+def build_loader(store: TokenStore, cfg: RunConfig, dp_rank: int, dp_size: int) -> PackedLoader:
+    """The loader of data-parallel rank `dp_rank`'s share (of `dp_size`)."""
     check_global_batch(cfg.train.global_batch, dp_size)
     return PackedLoader(
         store.tokens,

@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from longtrain.config import RunConfig
-from longtrain.memory import apply_memory, validate_memory_config
-from longtrain.planner import _torch_private as private
-from longtrain.planner.config import PlanConfig
+from longtrain import torch_private as private
+from longtrain.config import PlanConfig, RunConfig
+from longtrain.config.rules import check_plan, validate_run_config
+from longtrain.distributed.memory import apply_memory
 from longtrain.planner.engine_state import EngineState, engine_state
 from longtrain.planner.tracker import CATEGORIES, MemoryTracker
 
@@ -91,11 +91,9 @@ class StepMemory:
 
 def resolve_world(cfg: RunConfig, plan: PlanConfig) -> tuple[int, int, int]:
     """(world size, ulysses, ring) of the planned run."""
-    from longtrain.parallelize import resolve_degrees
+    from longtrain.distributed.parallelize import resolve_degrees
 
     p = cfg.parallel
-    if plan.world_size < 0:
-        raise ValueError(f"plan.world_size={plan.world_size} must be >= 0 (0: ulysses x ring)")
     world = plan.world_size
     if world == 0:
         ulysses = p.ulysses if p.method in ("ulysses", "usp") else 1
@@ -150,22 +148,15 @@ class Planner:
     the peak stays at the same point of the step; `exact_layers=True` simulates all N)."""
 
     def __init__(self, cfg: RunConfig, plan: PlanConfig, exact_layers: bool = False) -> None:
-        if plan.device not in ("cuda", "cpu"):
-            raise ValueError(f"plan.device={plan.device!r}; expected cuda or cpu")
         if cfg.model.name == "hf":
             raise ValueError(
                 "the planner simulates longtrain's own Transformer; for a model=hf run, plan "
                 "the same shapes with model=llama3_8b-style fields (dim, n_layers, heads, ffn_dim)"
             )
-        if cfg.train.engine not in ("fsdp2", "deepspeed", "none"):
-            raise ValueError(f"train.engine={cfg.train.engine!r}; expected fsdp2, deepspeed, none")
-        validate_memory_config(cfg.train.memory)
-        if cfg.train.engine == "deepspeed":
-            from longtrain.engines.deepspeed_engine import validate_deepspeed_config
-
-            validate_deepspeed_config(cfg)
+        check_plan(plan)
         self.cfg, self.plan = cfg, plan
         self.world_size, self.ulysses, self.ring = resolve_world(cfg, plan)
+        validate_run_config(cfg, self.world_size)
         self.sp = self.ulysses * self.ring
         self.dp = self.world_size // self.sp
         if self.dp * self.sp != self.world_size:
@@ -258,7 +249,7 @@ class Planner:
         return self._result(seq_len, int(batch[0].numel()), dyn)
 
     def _simulate(self, model, batch) -> _Dynamic:
-        from longtrain.step import autocast_context
+        from longtrain.trainer.step import autocast_context
 
         tokens, positions, labels, weights, meta = batch
         tracker = MemoryTracker(DEVICE, workspace_rules(self.plan.device))

@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import torch
 
-from longtrain.planner._torch_private import TorchDispatchMode
+from longtrain.torch_private import TorchDispatchMode
 
 CATEGORIES = ("parameters", "gradients", "optimizer", "activations", "communication", "loss")
 COLLECTIVE_NAMESPACES = ("c10d", "_c10d_functional", "c10d_functional")

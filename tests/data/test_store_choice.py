@@ -11,9 +11,10 @@ import pytest
 
 from longtrain.config import EMBEDDED_STORE_DIR, DataConfig
 from longtrain.data.prepare import prepare
-from longtrain.data.setup import open_token_store, resolve_token_store
+from longtrain.data.setup import resolve_token_store
 from longtrain.distributed import DistEnv
 from longtrain.errors import DataError
+from longtrain.trainer.inputs import open_token_store
 from tests.fixtures import write_text_corpus
 from tests.spawn import spawn
 

@@ -13,11 +13,11 @@ import pytest
 from longtrain.config import DataConfig
 from longtrain.data import prepare as prepare_mod
 from longtrain.data.prepare import prepare
-from longtrain.data.setup import open_token_store
 from longtrain.data.sources import Source
 from longtrain.data.token_store import TokenStore, TokenStoreWriter, check_replaceable
 from longtrain.distributed import DistEnv
 from longtrain.errors import DataError
+from longtrain.trainer.inputs import open_token_store
 from tests.fixtures import write_text_corpus
 
 SPEC = {"kind": "byte", "vocab_size": 259, "bos_id": 256, "eos_id": 257, "pad_id": 258}

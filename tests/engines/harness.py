@@ -1,5 +1,5 @@
 """Shared pieces of the engine tests: a tiny float64 run config, deterministic packed batches,
-the one-process reference (`longtrain.step.train_step` on the plain model) and the same step
+the one-process reference (`longtrain.trainer.step.train_step` on the plain model) and the same step
 driven through a DeepSpeed engine. Runs in the parent and inside `tests.spawn` workers."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from longtrain.config import ModelConfig, RunConfig
 from longtrain.data.batch import PackedBatch, build_batch
 from longtrain.data.packing import best_fit
 from longtrain.model import build_model
-from longtrain.optim import build_optimizer, build_scheduler
-from longtrain.step import StepContext, autocast_context, shard_micro_batch, train_step
+from longtrain.trainer.optimizer import build_optimizer, build_scheduler
+from longtrain.trainer.step import StepContext, autocast_context, shard_micro_batch, train_step
 
 VOCAB = 61
 PAD_ID = 0

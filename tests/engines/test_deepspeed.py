@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from longtrain.config import ParallelConfig
-from longtrain.engines.deepspeed_engine import deepspeed_config, validate_deepspeed_config
-from longtrain.memory import apply_memory
+from longtrain.config.rules import check_deepspeed
+from longtrain.distributed.deepspeed_zero import deepspeed_config
+from longtrain.distributed.memory import apply_memory
 from longtrain.model import build_model
-from longtrain.optim import build_optimizer, build_scheduler
-from longtrain.step import StepContext, train_step
+from longtrain.trainer.optimizer import build_optimizer, build_scheduler
+from longtrain.trainer.step import StepContext, train_step
 from tests.engines.harness import (
     PAD_ID,
     deepspeed_step,
@@ -55,7 +56,7 @@ def _check(losses, params, ref_losses, ref_params, label):
 
 
 def _engine(model, cfg, world_size, steps):
-    from longtrain.engines.deepspeed_engine import build_deepspeed
+    from longtrain.distributed.deepspeed_zero import build_deepspeed
 
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, steps)
@@ -194,11 +195,11 @@ def test_bad_settings_are_refused(stage, offload_params, cpu_offload, message):
     cfg.train.deepspeed.offload_params = offload_params
     cfg.train.memory.cpu_offload = cpu_offload
     with pytest.raises(ValueError, match=message):
-        validate_deepspeed_config(cfg)
+        check_deepspeed(cfg)
 
 
 def test_checkpoint_layout_is_checked_before_loading(tmp_path):
-    from longtrain.engines.deepspeed_engine import STATE_MARKER, DeepSpeedRun
+    from longtrain.distributed.deepspeed_zero import STATE_MARKER, DeepSpeedRun
 
     run = DeepSpeedRun(engine=None, world_size=2, zero_stage=3)  # load checks come first
     with pytest.raises(ValueError, match="is not a DeepSpeed checkpoint"):

@@ -1,16 +1,16 @@
 """train.engine=fsdp2 with the memory stack under Ulysses or ring sp=2 equals one plain
-process, through the trainer's own step (`longtrain.step.train_step`) and FSDP2 wrapping."""
+process, through the trainer's own step (`longtrain.trainer.step.train_step`) and FSDP2 wrapping."""
 
 import pytest
 import torch
 
 from longtrain.config import ParallelConfig
 from longtrain.distributed import DistEnv
-from longtrain.memory import apply_memory
+from longtrain.distributed.memory import apply_memory
+from longtrain.distributed.fsdp2 import apply_fsdp2
 from longtrain.model import build_model
-from longtrain.optim import build_optimizer, build_scheduler
-from longtrain.parallelize import _apply_fsdp2
-from longtrain.step import StepContext, train_step
+from longtrain.trainer.optimizer import build_optimizer, build_scheduler
+from longtrain.trainer.step import StepContext, train_step
 from tests.engines.harness import PAD_ID, full_parameters, reference, run_config, sequences
 from tests.spawn import spawn
 
@@ -42,7 +42,7 @@ def _run(rank: int, world_size: int, method: str) -> dict:
     # The trainer's order: sequence parallel -> memory stack -> FSDP2.
     parallel.apply(model, dims, cfg.parallel)
     apply_memory(model, cfg.train.memory)
-    _apply_fsdp2(model, DistEnv(rank, world_size, 0, torch.device("cpu")), cfg.model.dtype)
+    apply_fsdp2(model, DistEnv(rank, world_size, 0, torch.device("cpu")))
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, STEPS)
     ctx = StepContext(

@@ -1,5 +1,5 @@
-"""longtrain.diagnostics: heartbeat lines, failure reports that name rank, step and operation,
-and ranks that exit instead of hanging (2 gloo processes with short timeouts)."""
+"""longtrain.trainer.diagnostics: heartbeat lines, failure reports that name rank, step and
+operation, and ranks that exit instead of hanging (2 gloo processes with short timeouts)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from longtrain.diagnostics import EXIT_FAILURE, StepMonitor
+from longtrain.trainer.diagnostics import EXIT_FAILURE, StepMonitor
 from tests.spawn import spawn
 
 COLLECTIVE_TIMEOUT_S = 3  # the process group's timeout in the hang test: short, yet above

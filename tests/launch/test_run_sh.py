@@ -140,8 +140,8 @@ def test_dry_run_is_checked_for_every_node_unless_skipped():
     done = _run_sh(DRY_RUN="1", **settings)
     assert done.returncode == 2 and done.stdout == ""  # no command printed
     assert done.stderr.splitlines() == [
-        "longtrain.check: error: world size 32 does not divide train.global_batch=8; use a "
-        "multiple of 32"
+        "longtrain.check: error: train.global_batch (8) must be divisible by the "
+        "data-parallel size (32); use a multiple of 32"
     ]
     ok = _run_sh("train.global_batch=64", DRY_RUN="1", **settings)
     assert ok.returncode == 0, ok.stderr

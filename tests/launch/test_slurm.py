@@ -262,7 +262,7 @@ def test_bad_requests_are_refused_with_the_fix(capsys, args, message):
         (["--nodes", "4", "--gpus-per-node", "8", "experiment=demo_cpu"],
          "launch.slurm: ulysses=32 needs query heads (4) divisible by 32"),
         (["--nodes", "3", "--gpus-per-node", "1"],
-         "launch.slurm: world size 3 does not divide train.global_batch=8"),
+         "launch.slurm: train.global_batch (8) must be divisible by the data-parallel size (3)"),
     ],
 )  # fmt: skip
 def test_config_errors_are_one_line_and_nothing_is_written(shims, capsys, args, message, dry_run):

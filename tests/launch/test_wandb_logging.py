@@ -1,4 +1,4 @@
-"""wandb through longtrain.metrics.MetricsLogger: offline runs live in the run directory,
+"""wandb through longtrain.trainer.metrics.MetricsLogger: offline runs live in the run directory,
 grouped by experiment, with the config logged at start; a resumed run keeps its wandb id (its
 offline runs sync into one); `disabled` and ranks other than 0 write nothing."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from longtrain.config import LoggingConfig, WandbConfig
-from longtrain.metrics import MetricsLogger
+from longtrain.trainer.metrics import MetricsLogger
 
 RUN_CONFIG = {"train": {"steps": 3, "seed": 0}, "experiment": "ctx_sweep"}
 

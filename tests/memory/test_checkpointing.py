@@ -8,10 +8,10 @@ import torch
 
 from kernels.attention import VarlenMeta
 from longtrain.config import MemoryConfig, ModelConfig
-from longtrain.memory import ActivationOffloader, apply_memory
-from longtrain.memory.checkpointing import ATTENTION_OPS, _op_name
+from longtrain.distributed.memory import ActivationOffloader, apply_memory
+from longtrain.distributed.memory.checkpointing import ATTENTION_OPS, _op_name
 from longtrain.model import build_model
-from longtrain.planner._torch_private import TorchDispatchMode
+from longtrain.torch_private import TorchDispatchMode
 
 CFG = ModelConfig(
     vocab_size=61,
@@ -119,7 +119,7 @@ def test_offload_moves_exactly_the_block_inputs():
     T = sum(LENGTHS)
     offloader = _Recording()
     for block in model.layers:
-        from longtrain.memory import checkpoint_block
+        from longtrain.distributed.memory import checkpoint_block
 
         checkpoint_block(block, "full", offloader)
     tokens, positions, meta, labels = _batch()

@@ -6,9 +6,9 @@ import copy
 import pytest
 import torch
 
-from longtrain.memory.tiled_mlp import num_mlp_tiles, tile_mlp
+from longtrain.distributed.memory.tiled_mlp import num_mlp_tiles, tile_mlp
 from longtrain.model.llama import SwiGLU
-from longtrain.planner._torch_private import TorchDispatchMode
+from longtrain.torch_private import TorchDispatchMode
 
 D, F = 24, 40
 

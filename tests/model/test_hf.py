@@ -1,4 +1,4 @@
-"""Hugging Face models (longtrain/model/hf.py) and export (longtrain/model/hf_export.py).
+"""Hugging Face models (longtrain/model/hf.py) and export (longtrain/convert/hf_export.py).
 
 Tiny random-weight Llama, Qwen2 and Mistral models saved to temp dirs; everything in float64
 on CPU. References are transformers' own models with its float64-capable `sdpa` attention,
@@ -31,20 +31,19 @@ from transformers import (
 
 from kernels.attention import VarlenMeta
 from longtrain.config import ModelConfig
-from longtrain.data.batch import IGNORE_INDEX, PackedBatch
-from longtrain.data.setup import build_loader
-from longtrain.data.token_store import TokenStore
-from longtrain.distributed import DistEnv
-from longtrain.errors import DataError
-from longtrain.model import HFCausalLM, build_model
-from longtrain.model.hf import check_seq_len, hf_model_config
-from longtrain.model.hf_export import (
+from longtrain.convert.hf_export import (
     EXPORT_MARKER,
     export_checkpoint,
     export_llama,
     hf_name,
     main,
 )
+from longtrain.data.batch import IGNORE_INDEX, PackedBatch
+from longtrain.data.setup import build_loader
+from longtrain.data.token_store import TokenStore
+from longtrain.errors import DataError
+from longtrain.model import HFCausalLM, build_model
+from longtrain.model.hf import check_seq_len, hf_model_config
 from longtrain.train import load_config, train
 from tests.fixtures import write_text_corpus
 
@@ -145,11 +144,11 @@ def read_losses(run_dir: Path) -> list[float]:
 
 def step_batch(run_dir: Path, step: int) -> PackedBatch:
     """The (single) micro-batch that a one-process run of `run_dir` trained on at `step`."""
-    from longtrain.model.hf_export import load_run_config
+    from longtrain.convert.hf_export import load_run_config
 
     cfg = load_run_config(run_dir)
     store = TokenStore.open(cfg.data.store_dir)
-    loader = build_loader(store, cfg, None, DistEnv(0, 1, 0, torch.device("cpu")))
+    loader = build_loader(store, cfg, dp_rank=0, dp_size=1)
     (mb,) = loader.batches_for_step(step).micro_batches
     return mb
 
@@ -245,7 +244,7 @@ MEMORY = [dict(mlp_tiles=3, loss_tile_tokens=7), dict(activation_checkpoint="ful
 
 @pytest.mark.parametrize("memory", MEMORY, ids=["mlp_and_loss_tiles", "activation_checkpoint"])
 def test_memory_stack_applies_unchanged(hf_dirs, memory):
-    apply_memory = pytest.importorskip("longtrain.memory.apply").apply_memory
+    apply_memory = pytest.importorskip("longtrain.distributed.memory.apply").apply_memory
     from longtrain.config import MemoryConfig
 
     tokens, labels, positions, meta = packed(random_docs([15, 25], seed=6))
@@ -487,7 +486,7 @@ def test_export_command_errors_are_one_line(tmp_path):
     """A missing checkpoint: one line and exit status 2, not a traceback; nothing created."""
     missing, out = tmp_path / "no_run", tmp_path / "out"
     done = subprocess.run(
-        [sys.executable, "-m", "longtrain.model.hf_export", str(missing), str(out)],
+        [sys.executable, "-m", "longtrain.convert.hf_export", str(missing), str(out)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -495,7 +494,7 @@ def test_export_command_errors_are_one_line(tmp_path):
     )
     assert done.returncode == 2, done.stderr[-3000:]
     assert done.stderr.splitlines() == [
-        f"longtrain.model.hf_export: error: {missing} is neither a run directory (with "
+        f"longtrain.convert.hf_export: error: {missing} is neither a run directory (with "
         "config.yaml) nor a checkpoint inside one (<run>/checkpoints/step_XXXXXXXX)"
     ]
     assert not out.exists()
@@ -526,7 +525,7 @@ def test_export_of_a_trained_checkpoint(tmp_path, corpus, capsys):
         main([checkpoint, str(tmp_path / "mine")])
     assert exited.value.code == 2
     assert capsys.readouterr().err.splitlines() == [
-        f"longtrain.model.hf_export: error: export directory {tmp_path / 'mine'} is not empty "
+        f"longtrain.convert.hf_export: error: export directory {tmp_path / 'mine'} is not empty "
         "and holds files this exporter did not write (README.md): choose a new or empty "
         "directory (nothing was written)"
     ]

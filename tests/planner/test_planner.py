@@ -5,9 +5,7 @@ import re
 
 import pytest
 
-from longtrain.config import ModelConfig, ParallelConfig, RunConfig
-from longtrain.plan import load_plan_config
-from longtrain.planner.config import PlanConfig
+from longtrain.config import ModelConfig, ParallelConfig, PlanConfig, RunConfig, compose_config
 from longtrain.planner.search import PlanError, budget_bytes, find_max_seq_len, granule
 from longtrain.planner.simulate import GIB, Planner
 
@@ -114,7 +112,7 @@ def test_world_size_must_hold_the_layout():
 @pytest.mark.parametrize("ulysses", [8, 4])
 def test_llama3_8b_1m_recipe_fits_and_scales(ulysses):
     """The recipe plans as is and with parallel.ulysses=4 (no search: one simulation)."""
-    cfg = load_plan_config(
+    cfg = compose_config(
         ["experiment=llama3_8b_1m_sp8", f"parallel.ulysses={ulysses}", "plan.search=false"]
     )
     with Planner(cfg, cfg.plan) as planner:

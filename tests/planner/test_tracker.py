@@ -3,7 +3,7 @@ as allocations and workspaces charged while their op runs."""
 
 import torch
 
-from longtrain.planner import _torch_private as private
+from longtrain import torch_private as private
 from longtrain.planner.tracker import MemoryTracker
 
 CPU = torch.device("cpu")

@@ -11,7 +11,7 @@ import torch
 from tqdm import tqdm
 
 from longtrain.config import LoggingConfig
-from longtrain.plot import plot_metrics, supersede_after
+from longtrain.trainer.plot import plot_metrics, supersede_after
 
 # Dense bf16 peak TFLOP/s per device, for MFU when train.peak_tflops is not given.
 KNOWN_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}

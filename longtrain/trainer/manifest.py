@@ -23,7 +23,7 @@ import torch.distributed as dist
 from longtrain.distributed import DistEnv, broadcast_object
 
 MANIFEST = "manifest.json"
-FORMAT = "longtrain.checkpoint"
+FORMAT = "longtrain.trainer.checkpoint"
 VERSION = 1
 _CHUNK = 8 << 20  # bytes read per hash update
 

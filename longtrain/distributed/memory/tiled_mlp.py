@@ -27,6 +27,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from longtrain.distributed.memory.mixin import mix_into
+
 MIB = 1 << 20
 
 
@@ -154,9 +156,6 @@ class TiledMLPMixin:
         return tiled_apply(super().forward, x, self.tiles_for(x), params)
 
 
-_TILED_CLASSES: dict[type, type] = {}
-
-
 def tile_mlp(module: nn.Module, tiles: int, budget_mib: float, ffn_dim: int) -> nn.Module:
     """Make `module` (an MLP acting on each token of [..., T, D] independently) run in tiles,
     in place: its class becomes a subclass with TiledMLPMixin, as `fully_shard` does, so its
@@ -165,11 +164,7 @@ def tile_mlp(module: nn.Module, tiles: int, budget_mib: float, ffn_dim: int) -> 
     tiles >= 1: that many tiles; 0: as many as keep one [t, ffn_dim] intermediate within
     `budget_mib` MiB (in the compute dtype). Applying it again only reconfigures.
     """
-    cls = type(module)
-    if not isinstance(module, TiledMLPMixin):
-        if cls not in _TILED_CLASSES:
-            _TILED_CLASSES[cls] = type(f"Tiled{cls.__name__}", (TiledMLPMixin, cls), {})
-        module.__class__ = _TILED_CLASSES[cls]
+    mix_into(module, TiledMLPMixin, "Tiled")
     module.configure_tiling(tiles, budget_mib, ffn_dim)
     return module
 

@@ -3,7 +3,7 @@
 Layout: `<run_dir>/checkpoints/step_00000010/` holds the DCP shards of model and optimizer
 (resharded on load, so FSDP layouts may change), `extra.pt` (scheduler, loader position,
 the RNG states of every rank, the step) and `manifest.json` (size and sha256 of every file,
-see `longtrain.checkpoint_manifest`). A checkpoint is written under `step_XXXXXXXX.tmp` and
+see `longtrain.trainer.manifest`). A checkpoint is written under `step_XXXXXXXX.tmp` and
 renamed when every rank has finished, so a crash never leaves a directory that a resume
 would take: resume only ever looks at fully named ones, and loads only one that verifies.
 
@@ -28,10 +28,10 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from longtrain.checkpoint_manifest import MANIFEST, verify_checkpoint, write_manifest
 from longtrain.distributed import DistEnv, barrier, broadcast_object
-from longtrain.engines.deepspeed_engine import STATE_MARKER
+from longtrain.distributed.deepspeed_zero import STATE_MARKER
 from longtrain.errors import LongtrainError, one_line
+from longtrain.trainer.manifest import MANIFEST, verify_checkpoint, write_manifest
 
 _NAME = re.compile(r"^step_(\d{8})$")
 

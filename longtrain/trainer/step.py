@@ -18,23 +18,8 @@ import parallel
 from kernels.attention import VarlenMeta
 from longtrain.data.batch import IGNORE_INDEX, PackedBatch
 from longtrain.distributed import all_reduce_sum
+from longtrain.distributed.context import StepContext
 from longtrain.model.flops import causal_pairs
-
-
-@dataclass
-class StepContext:
-    """What a step needs besides the model: groups, sharding and numerics."""
-
-    device: torch.device
-    dtype: str  # float32 | bfloat16 | float64
-    grad_clip: float | None  # max global grad norm; 0 or None: no clipping
-    pad_id: int
-    dims: object | None = None  # parallel.ParallelDims when sequence parallel
-    parallel_cfg: object | None = None
-    dp_group: object | None = None  # process group over which batches differ
-    world_group: object | None = None  # process group over which local loss sums add up
-    sync_grads_manually: bool = False  # world > 1 without a sharded engine
-    engine: object | None = None  # a DeepSpeedRun (train.engine=deepspeed): backward and update
 
 
 @dataclass
@@ -101,7 +86,7 @@ def train_step(
     """Run one optimizer step over this rank's micro-batches; returns global step metrics.
 
     `mark(op)` is called as each operation starts ("forward 1/4", "optimizer", ...), so that a
-    failure or a hang can be reported with it (longtrain.diagnostics.StepMonitor.mark)."""
+    failure or a hang can be reported with it (longtrain.trainer.diagnostics.StepMonitor.mark)."""
     t0 = time.perf_counter()
     acc_dtype = torch.float64  # counts and loss sums: exact enough for any batch
     # [trained weight, trained tokens, all tokens, padding tokens, documents, sequences,

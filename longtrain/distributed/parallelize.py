@@ -8,20 +8,13 @@ The model file never mentions ranks; everything here wraps or swaps its modules.
 from __future__ import annotations
 
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import (
-    CPUOffloadPolicy,
-    FSDPModule,
-    MixedPrecisionPolicy,
-    OffloadPolicy,
-    fully_shard,
-)
 
 import parallel
 from longtrain.config import RunConfig
-from longtrain.distributed import DistEnv
-from longtrain.memory import apply_memory
-from longtrain.step import StepContext
+from longtrain.distributed.context import StepContext
+from longtrain.distributed.env import DistEnv
+from longtrain.distributed.fsdp2 import apply_fsdp2
+from longtrain.distributed.memory import apply_memory
 
 
 def resolve_degrees(cfg: RunConfig, world_size: int) -> tuple[int, int]:
@@ -64,25 +57,33 @@ def describe_layout(cfg: RunConfig, env: DistEnv, dims) -> str:
     )
 
 
+def apply_model_stack(model: nn.Module, dims, cfg: RunConfig, offload_device: str = "cpu") -> None:
+    """Steps 1-3 of `parallelize`, in place: everything but the sharding engine. The planner
+    runs exactly this on its fake model (and models the engine's state apart).
+
+    `offload_device`: where offloaded block inputs wait ("cpu", pinned on CUDA; the planner
+    passes "meta": host memory it counts apart)."""
+    # 1. Sequence parallelism: swap every VarlenAttention for its sequence-parallel version.
+    if dims is not None and dims.sp_size > 1:
+        parallel.apply(model, dims, cfg.parallel)
+    # 2. The memory stack (train.memory): tiled MLP, loss tile size, activation
+    #    checkpointing with offload of the checkpointed block inputs.
+    apply_memory(model, cfg.train.memory, offload_device=offload_device)
+    # 3. Compile each block, so graph breaks stay local.
+    if cfg.train.compile:
+        for block in model.layers:
+            block.compile()
+
+
 def parallelize(model: nn.Module, dims, cfg: RunConfig, env: DistEnv, pad_id: int):
     """Apply the configured parallelism to `model` in place; returns (model, StepContext).
 
     `pad_id` fills the padding that sequence-parallel sharding adds (never trained on)."""
     sp = dims is not None and dims.sp_size > 1
-    # 1. Sequence parallelism: swap every VarlenAttention for its sequence-parallel version.
-    if sp:
-        parallel.apply(model, dims, cfg.parallel)
-    # 2. The memory stack (train.memory): tiled MLP, loss tile size, activation
-    #    checkpointing with offload of the checkpointed block inputs.
-    apply_memory(model, cfg.train.memory)
-    # 3. Compile each block, so graph breaks stay local.
-    if cfg.train.compile:
-        for block in model.layers:
-            block.compile()
+    apply_model_stack(model, dims, cfg)  # steps 1-3
     # 4. FSDP2 over every rank: dp x sp ranks all hold replicas of the same weights.
-    fsdp = env.world_size > 1 and cfg.train.engine == "fsdp2"
-    if fsdp:
-        _apply_fsdp2(model, env, cfg.model.dtype, cfg.train.memory.cpu_offload)
+    if env.world_size > 1 and cfg.train.engine == "fsdp2":
+        apply_fsdp2(model, env, cfg.train.memory.cpu_offload)
     ctx = StepContext(
         device=env.device,
         dtype=cfg.model.dtype,
@@ -97,23 +98,10 @@ def parallelize(model: nn.Module, dims, cfg: RunConfig, env: DistEnv, pad_id: in
     return model, ctx
 
 
-def _apply_fsdp2(model: nn.Module, env: DistEnv, dtype: str, cpu_offload: bool = False) -> None:
-    mesh = init_device_mesh(env.device.type, (env.world_size,), mesh_dim_names=("fsdp",))
-    # bf16 compute comes from autocast; gradients reduce in the parameters' dtype (fp32/fp64).
-    mp = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=None)
-    # cpu_offload: sharded parameters, gradients and optimizer state live on the host.
-    offload = (
-        CPUOffloadPolicy(pin_memory=env.device.type == "cuda") if cpu_offload else OffloadPolicy()
-    )
-    for block in model.layers:
-        fully_shard(block, mesh=mesh, mp_policy=mp, offload_policy=offload)
-    fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload)
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            # The loss is already divided by the global token count: sum, do not average.
-            # Plain SUM also keeps gloo working (it has no PREMUL_SUM).
-            module.set_gradient_divide_factor(1.0)
-            module.set_force_sum_reduction_for_comms(True)
-
-
-__all__ = ["build_parallel_dims", "describe_layout", "parallelize", "resolve_degrees"]
+__all__ = [
+    "apply_model_stack",
+    "build_parallel_dims",
+    "describe_layout",
+    "parallelize",
+    "resolve_degrees",
+]

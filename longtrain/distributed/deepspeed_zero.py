@@ -8,9 +8,9 @@ How it fits the trainer:
   sharded; DeepSpeed shards it over every rank (dp x sp ranks all hold the same weights,
   as with FSDP2). Parameters stay float32 (float64 on CPU tests); bf16 compute comes from
   the trainer's autocast, so DeepSpeed runs without its own bf16/fp16 section.
-- The optimizer is ours (`longtrain.optim.build_optimizer`: AdamW, decay on matrices only)
-  and so is the learning-rate schedule: the scheduler steps the client optimizer's groups,
-  which ZeRO keeps.
+- The optimizer is ours (`longtrain.trainer.optimizer.build_optimizer`: AdamW, decay on
+  matrices only) and so is the learning-rate schedule: the scheduler steps the client
+  optimizer's groups, which ZeRO keeps.
 - Gradient accumulation is ours: `managed_gradient_accumulation: false`, so each
   `backward` only accumulates and `step` is the boundary (reduce, clip, update, zero).
 - The loss the trainer backpropagates is already divided by the global count of trained
@@ -31,26 +31,9 @@ import torch.distributed as dist
 from torch import nn
 
 from longtrain.config import RunConfig
+from longtrain.config.rules import check_deepspeed
 
-STAGES = (1, 2, 3)
 STATE_MARKER = "deepspeed.json"  # rank 0 writes it once DeepSpeed's own files are saved
-
-
-def validate_deepspeed_config(cfg: RunConfig) -> None:
-    """Raise ValueError naming the setting and the fix."""
-    ds = cfg.train.deepspeed
-    if ds.zero_stage not in STAGES:
-        raise ValueError(f"train.deepspeed.zero_stage={ds.zero_stage}; expected 1, 2 or 3")
-    if ds.offload_params and ds.zero_stage != 3:
-        raise ValueError(
-            f"train.deepspeed.offload_params=true needs zero_stage=3 (got {ds.zero_stage}): "
-            "only ZeRO-3 partitions parameters"
-        )
-    if cfg.train.memory.cpu_offload:
-        raise ValueError(
-            "train.memory.cpu_offload is the FSDP2 switch; with train.engine=deepspeed use "
-            "train.deepspeed.offload_optimizer / offload_params"
-        )
 
 
 def largest_block_numel(model: nn.Module) -> int:
@@ -173,7 +156,7 @@ def build_deepspeed(
     torch.distributed must already be initialised (torchrun or a test harness); DeepSpeed
     uses that process group as its data-parallel world.
     """
-    validate_deepspeed_config(cfg)
+    check_deepspeed(cfg)
     import deepspeed
 
     if cfg.train.deepspeed.zero_stage == 3:
@@ -192,5 +175,4 @@ __all__ = [
     "build_deepspeed",
     "deepspeed_config",
     "largest_block_numel",
-    "validate_deepspeed_config",
 ]

@@ -13,31 +13,9 @@ from __future__ import annotations
 from torch import nn
 
 from longtrain.config import MemoryConfig
-from longtrain.memory.checkpointing import AC_MODES, ActivationOffloader, checkpoint_block
-from longtrain.memory.tiled_mlp import tile_mlp
-
-
-def validate_memory_config(cfg: MemoryConfig) -> None:
-    """Raise ValueError naming the setting and the fix."""
-    if cfg.activation_checkpoint not in AC_MODES:
-        raise ValueError(
-            f"train.memory.activation_checkpoint={cfg.activation_checkpoint!r}; "
-            f"expected one of {AC_MODES}"
-        )
-    if cfg.offload_activations and cfg.activation_checkpoint == "none":
-        raise ValueError(
-            "train.memory.offload_activations=true offloads the inputs that activation "
-            "checkpointing keeps: set train.memory.activation_checkpoint=full or selective"
-        )
-    if cfg.mlp_tiles < 0:
-        raise ValueError(f"train.memory.mlp_tiles={cfg.mlp_tiles} must be >= 0 (0: from budget)")
-    if cfg.mlp_tiles == 0 and cfg.mlp_tile_budget_mib <= 0:
-        raise ValueError(
-            f"train.memory.mlp_tile_budget_mib={cfg.mlp_tile_budget_mib} must be > 0 with "
-            "mlp_tiles=0 (tiles from the budget)"
-        )
-    if cfg.loss_tile_tokens < 1:
-        raise ValueError(f"train.memory.loss_tile_tokens={cfg.loss_tile_tokens} must be >= 1")
+from longtrain.config.rules import check_memory
+from longtrain.distributed.memory.checkpointing import ActivationOffloader, checkpoint_block
+from longtrain.distributed.memory.tiled_mlp import tile_mlp
 
 
 def _blocks(model: nn.Module) -> nn.ModuleList:
@@ -58,7 +36,7 @@ def apply_memory(
 
     offload_device: where offloaded block inputs wait ("cpu"; the planner passes "meta").
     """
-    validate_memory_config(cfg)
+    check_memory(cfg)
     blocks = _blocks(model)
     if cfg.mlp_tiles != 1:
         ffn_dim = model.cfg.ffn_dim
@@ -74,4 +52,4 @@ def apply_memory(
     return offloader
 
 
-__all__ = ["apply_memory", "validate_memory_config"]
+__all__ = ["apply_memory"]

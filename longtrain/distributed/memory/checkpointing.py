@@ -36,9 +36,8 @@ from torch.utils.checkpoint import (
     create_selective_checkpoint_contexts,
 )
 
-from longtrain.planner._torch_private import TorchDispatchMode
-
-AC_MODES = ("none", "full", "selective")
+from longtrain.distributed.memory.mixin import mix_into
+from longtrain.torch_private import TorchDispatchMode
 
 # Attention forward ops whose outputs selective checkpointing keeps, by qualified name.
 ATTENTION_OPS = frozenset(
@@ -227,9 +226,6 @@ def _null():
     return contextlib.nullcontext()
 
 
-_CHECKPOINTED_CLASSES: dict[type, type] = {}
-
-
 def checkpoint_block(
     block: nn.Module, mode: str, offloader: ActivationOffloader | None = None
 ) -> nn.Module:
@@ -237,19 +233,13 @@ def checkpoint_block(
     inputs with `offloader` (its positional tensor inputs: pass the activations positionally)."""
     if mode not in ("full", "selective"):
         raise ValueError(f"activation checkpoint mode {mode!r}; expected full or selective")
-    cls = type(block)
-    if not isinstance(block, CheckpointedBlockMixin):
-        if cls not in _CHECKPOINTED_CLASSES:
-            name = f"Checkpointed{cls.__name__}"
-            _CHECKPOINTED_CLASSES[cls] = type(name, (CheckpointedBlockMixin, cls), {})
-        block.__class__ = _CHECKPOINTED_CLASSES[cls]
+    mix_into(block, CheckpointedBlockMixin, "Checkpointed")
     block._ac_mode = mode
     block._offloader = offloader
     return block
 
 
 __all__ = [
-    "AC_MODES",
     "ATTENTION_OPS",
     "ActivationOffloader",
     "CheckpointedBlockMixin",

@@ -2,9 +2,9 @@
 selective) with offload of the checkpointed block inputs, applied from outside the model by
 `apply_memory(model, train.memory)`."""
 
-from longtrain.memory.apply import apply_memory, validate_memory_config
-from longtrain.memory.checkpointing import ActivationOffloader, checkpoint_block
-from longtrain.memory.tiled_mlp import num_mlp_tiles, tile_mlp, tiled_apply
+from longtrain.distributed.memory.apply import apply_memory
+from longtrain.distributed.memory.checkpointing import ActivationOffloader, checkpoint_block
+from longtrain.distributed.memory.tiled_mlp import num_mlp_tiles, tile_mlp, tiled_apply
 
 __all__ = [
     "ActivationOffloader",
@@ -13,5 +13,4 @@ __all__ = [
     "num_mlp_tiles",
     "tile_mlp",
     "tiled_apply",
-    "validate_memory_config",
 ]

@@ -1,6 +1,6 @@
 """Export a longtrain model to a Hugging Face directory that `transformers` loads.
 
-    python -m longtrain.model.hf_export RUN_DIR_OR_CHECKPOINT OUT_DIR [--dtype bfloat16]
+    python -m longtrain.convert.hf_export RUN_DIR_OR_CHECKPOINT OUT_DIR [--dtype bfloat16]
 
 Our `Transformer` is a Llama: it becomes `config.json` (a `LlamaConfig`) and
 `model.safetensors` under HF's names. RoPE needs no permutation: ours is the rotate-half
@@ -157,7 +157,7 @@ def _begin_export(out_dir: Path) -> None:
 def _finish_export(out_dir: Path) -> None:
     """Write the marker: every file now in `out_dir` was written by this export."""
     files = sorted(n for n in os.listdir(out_dir) if n != EXPORT_MARKER)
-    marker = {"exporter": "longtrain.model.hf_export", "files": files}
+    marker = {"exporter": "longtrain.convert.hf_export", "files": files}
     (out_dir / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
 
 
@@ -231,8 +231,8 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
     """(run directory, checkpoint directory) for a run directory (its newest checkpoint that
     passes verification, as `train.resume=auto` picks it) or a checkpoint directory
     `<run>/checkpoints/step_XXXXXXXX` (which must pass)."""
-    from longtrain.checkpoint import Checkpointer
     from longtrain.distributed import single_process_env
+    from longtrain.trainer.checkpoint import Checkpointer
 
     path = Path(path)
     if (path / "config.yaml").is_file():
@@ -306,9 +306,9 @@ def store_special_tokens(store_dir: str | Path) -> dict[str, int | None]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """The `python -m longtrain.model.hf_export` command: a user error is one line, exit 2."""
+    """The `python -m longtrain.convert.hf_export` command: a user error is one line, exit 2."""
     parser = argparse.ArgumentParser(
-        prog="python -m longtrain.model.hf_export",
+        prog="python -m longtrain.convert.hf_export",
         description="Export a longtrain checkpoint to a Hugging Face model directory.",
     )
     parser.add_argument("checkpoint", help="run directory (newest checkpoint) or checkpoint dir")
@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> None:
     def run() -> Path:
         return export_checkpoint(args.checkpoint, args.out_dir, DTYPES.get(args.dtype))
 
-    out = report_errors("longtrain.model.hf_export", run)
+    out = report_errors("longtrain.convert.hf_export", run)
     print(f"exported {args.checkpoint} -> {out}")
 
 

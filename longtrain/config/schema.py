@@ -6,16 +6,22 @@ YAML under `configs/` only selects and overrides these; an unknown key anywhere 
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
-
-from longtrain.errors import ConfigError
-from longtrain.planner.config import PlanConfig
-
 EMBEDDED_STORE_DIR = "data_cache/stdlib-byte"  # the embedded corpus' store (default data)
+
+# The choices of the string fields below (checked by longtrain.config.rules; the parallel
+# methods are parallel.METHODS / RING_IMPLS, checked by the parallel package itself).
+DTYPES = ("float32", "bfloat16", "float64")
+PACKINGS = ("concat_chunk", "best_fit", "decomposition")
+CURRICULA = ("uniform", "grow_linear", "grow_p2")
+LOSS_WEIGHTINGS = ("token", "per_document")
+SCHEDULES = ("cosine", "constant")
+AC_MODES = ("none", "full", "selective")
+ENGINES = ("fsdp2", "deepspeed", "none")
+ZERO_STAGES = (1, 2, 3)
+WANDB_MODES = ("disabled", "offline", "online")
+PLAN_DEVICES = ("cuda", "cpu")
 
 
 @dataclass
@@ -153,6 +159,17 @@ class LoggingConfig:
 
 
 @dataclass
+class PlanConfig:
+    gpu_mem_gib: float = 80.0  # memory of one GPU, GiB; the plan must fit in it
+    reserve_gib: float = 2.0  # kept free of tensors: CUDA context, NCCL, allocator slack
+    world_size: int = 0  # GPUs of the planned run; 0: ulysses x ring (data parallel 1)
+    device: str = "cuda"  # cuda: GPU kernels' workspaces | cpu: our CPU kernels' (validation)
+    search: bool = True  # also find the longest data.seq_len that fits (max_seq_len)
+    seq_len_step: int = 1024  # granularity of max_seq_len (rounded to the layout's multiple)
+    max_seq_len: int = 1 << 26  # upper end of the search
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -164,47 +181,18 @@ class RunConfig:
     experiment: str = "default"  # name used for grouping runs (wandb group, run labels)
 
 
-def _unknown_keys(node: object, prefix: str) -> list[str]:
-    """Attributes of schema objects that the schema does not declare (added with `+key=`)."""
-    if isinstance(node, list):
-        return [k for i, item in enumerate(node) for k in _unknown_keys(item, f"{prefix}[{i}]")]
-    if not dataclasses.is_dataclass(node):
-        return []
-    declared = {f.name for f in dataclasses.fields(node)}
-    found = [f"{prefix}{k}" for k in vars(node) if k not in declared]
-    for name in declared:
-        found += _unknown_keys(getattr(node, name), f"{prefix}{name}.")
-    return found
-
-
-def to_run_config(dcfg: DictConfig) -> RunConfig:
-    """The typed run config of a composed Hydra config; a key the schema lacks is an error.
-
-    Hydra lets `+train.foo=1` add keys even to a structured config, and `OmegaConf.to_object`
-    keeps them as extra attributes: refused here, so a misspelled key never goes unnoticed."""
-    cfg = OmegaConf.to_object(dcfg)
-    unknown = _unknown_keys(cfg, "")
-    if unknown:
-        raise ConfigError(
-            f"unknown config key(s) {', '.join(unknown)}: not in the schema (longtrain/config.py);"
-            " check the spelling (`python -m longtrain.train --cfg job` prints every key)"
-        )
-    return cfg
-
-
-def register_configs() -> None:
-    """Register the schema so that YAML files are validated against it."""
-    # model=hf reads its shapes from config.json through an OmegaConf resolver; importing
-    # here (not at module top) keeps transformers out of every config import.
-    from longtrain.model.hf import register_hf_config_resolver
-
-    register_hf_config_resolver()
-    cs = ConfigStore.instance()
-    cs.store(name="run_schema", node=RunConfig)
-
-
 __all__ = [
+    "AC_MODES",
+    "CURRICULA",
+    "DTYPES",
     "EMBEDDED_STORE_DIR",
+    "ENGINES",
+    "LOSS_WEIGHTINGS",
+    "PACKINGS",
+    "PLAN_DEVICES",
+    "SCHEDULES",
+    "WANDB_MODES",
+    "ZERO_STAGES",
     "DataConfig",
     "DeepSpeedConfig",
     "LoggingConfig",
@@ -212,10 +200,9 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "ParallelConfig",
+    "PlanConfig",
     "RunConfig",
     "StageConfig",
     "TrainConfig",
     "WandbConfig",
-    "register_configs",
-    "to_run_config",
 ]

@@ -1,0 +1,218 @@
+"""Every rule a run config must obey, checked before any work starts, each in one place, with
+a message that names the value and the fix.
+
+`validate_run_config(cfg, world_size)` runs them all; the pieces that other layers apply to a
+part of the config (`check_memory` in the memory stack, `check_deepspeed` when building the
+engine) are the same functions. Rules about the mesh (degrees, heads, sequence length) belong
+to `parallel.ParallelDims`, and the parallel methods to `parallel.check_method`: they are
+called, not copied. `longtrain.check` adds the ones that need the degrees resolved for N
+ranks, so launchers can run everything before a job starts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import parallel
+from longtrain.config.hf import check_seq_len
+from longtrain.config.schema import (
+    AC_MODES,
+    CURRICULA,
+    DTYPES,
+    ENGINES,
+    LOSS_WEIGHTINGS,
+    PACKINGS,
+    PLAN_DEVICES,
+    SCHEDULES,
+    WANDB_MODES,
+    ZERO_STAGES,
+    MemoryConfig,
+    PlanConfig,
+    RunConfig,
+    StageConfig,
+)
+from longtrain.errors import ConfigError
+
+
+def _at_least(key: str, value: float, low: float, meaning: str = "") -> None:
+    if not value >= low:  # also refuses nan
+        raise ConfigError(f"{key}={value} must be >= {low}{meaning}")
+
+
+def _one_of(key: str, value, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r}; expected one of {', '.join(map(str, choices))}")
+
+
+def check_memory(m: MemoryConfig) -> None:
+    """The memory stack (`train.memory`)."""
+    _one_of("train.memory.activation_checkpoint", m.activation_checkpoint, AC_MODES)
+    if m.offload_activations and m.activation_checkpoint == "none":
+        raise ConfigError(
+            "train.memory.offload_activations=true offloads the inputs that activation "
+            "checkpointing keeps: set train.memory.activation_checkpoint=full or selective"
+        )
+    _at_least("train.memory.mlp_tiles", m.mlp_tiles, 0, " (0: from the budget)")
+    if m.mlp_tiles == 0 and m.mlp_tile_budget_mib <= 0:
+        raise ConfigError(
+            f"train.memory.mlp_tile_budget_mib={m.mlp_tile_budget_mib} must be > 0 with "
+            "mlp_tiles=0 (tiles from the budget)"
+        )
+    _at_least("train.memory.loss_tile_tokens", m.loss_tile_tokens, 1)
+
+
+def check_deepspeed(cfg: RunConfig) -> None:
+    """train.engine=deepspeed: the ZeRO section and the switches it replaces."""
+    ds = cfg.train.deepspeed
+    _one_of("train.deepspeed.zero_stage", ds.zero_stage, ZERO_STAGES)
+    if ds.offload_params and ds.zero_stage != 3:
+        raise ConfigError(
+            f"train.deepspeed.offload_params=true needs zero_stage=3 (got {ds.zero_stage}): "
+            "only ZeRO-3 partitions parameters"
+        )
+    if cfg.train.memory.cpu_offload:
+        raise ConfigError(
+            "train.memory.cpu_offload is the FSDP2 switch; with train.engine=deepspeed use "
+            "train.deepspeed.offload_optimizer / offload_params"
+        )
+
+
+def check_global_batch(global_batch: int, dp_size: int) -> None:
+    """Each data-parallel rank takes an equal share of the sequences of a step."""
+    if global_batch % dp_size:
+        raise ConfigError(
+            f"train.global_batch ({global_batch}) must be divisible by the "
+            f"data-parallel size ({dp_size}); use a multiple of {dp_size}"
+        )
+
+
+def check_plan(plan: PlanConfig) -> None:
+    """The `plan` group of `python -m longtrain.plan`."""
+    _one_of("plan.device", plan.device, PLAN_DEVICES)
+    _at_least("plan.world_size", plan.world_size, 0, " (0: ulysses x ring)")
+    if not plan.gpu_mem_gib > 0:
+        raise ConfigError(f"plan.gpu_mem_gib={plan.gpu_mem_gib} must be > 0")
+    _at_least("plan.reserve_gib", plan.reserve_gib, 0)
+    _at_least("plan.seq_len_step", plan.seq_len_step, 1)
+    _at_least("plan.max_seq_len", plan.max_seq_len, 2)
+
+
+def _check_train(cfg: RunConfig) -> None:
+    t = cfg.train
+    _at_least("train.steps", t.steps, 0)
+    _at_least("train.global_batch", t.global_batch, 1)
+    _at_least("train.micro_batch", t.micro_batch, 0, " (0: the whole batch in one forward)")
+    _at_least("train.ckpt_every", t.ckpt_every, 0, " (0: only the final checkpoint)")
+    _at_least("train.keep_last", t.keep_last, 0, " (0: keep every checkpoint)")
+    _at_least("train.log_every", t.log_every, 1)
+    _at_least("train.peak_tflops", t.peak_tflops, 0)
+    _at_least("train.dist_timeout_s", t.dist_timeout_s, 1)
+    _at_least("train.heartbeat_s", t.heartbeat_s, 0, " (0: off)")
+    _at_least("train.hang_timeout_s", t.hang_timeout_s, 0, " (0: off)")
+    _one_of("train.engine", t.engine, ENGINES)
+    if t.resume not in ("none", "auto") and not t.resume:
+        raise ConfigError("train.resume must be none, auto or a checkpoint directory")
+    check_memory(t.memory)
+    if t.engine == "deepspeed":
+        check_deepspeed(cfg)
+
+
+def _check_optim(cfg: RunConfig) -> None:
+    o = cfg.optim
+    _one_of("optim.name", o.name, ("adamw",))
+    _at_least("optim.lr", o.lr, 0)
+    _at_least("optim.warmup_steps", o.warmup_steps, 0)
+    _one_of("optim.schedule", o.schedule, SCHEDULES)
+    if not 0 <= o.min_lr_ratio <= 1:
+        raise ConfigError(f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        raise ConfigError(f"optim.betas={list(o.betas)} must be two numbers in [0, 1)")
+    _at_least("optim.eps", o.eps, 0)
+    _at_least("optim.weight_decay", o.weight_decay, 0)
+    if o.grad_clip is not None and not o.grad_clip >= 0:
+        raise ConfigError(
+            f"optim.grad_clip={o.grad_clip} must be >= 0; to turn clipping off use 0 or null"
+        )
+
+
+def _check_stage(k: int, st: StageConfig) -> None:
+    key = f"data.stages[{k}]"
+    _at_least(f"{key}.steps", st.steps, 1)
+    _at_least(f"{key}.seq_len", st.seq_len, 2, " (one input and one label)")
+    _at_least(f"{key}.global_batch", st.global_batch, 0, " (0: keep the tokens per step)")
+    if not (st.rope_theta > 0 and math.isfinite(st.rope_theta)):
+        raise ConfigError(f"{key}.rope_theta={st.rope_theta} must be a positive number")
+
+
+def _check_data(cfg: RunConfig) -> None:
+    d = cfg.data
+    _at_least("data.seq_len", d.seq_len, 2, " (a sequence needs one input and one label)")
+    _one_of("data.packing", d.packing, PACKINGS)
+    _one_of("data.curriculum", d.curriculum, CURRICULA)
+    _at_least("data.curriculum_cycles", d.curriculum_cycles, 1)
+    _at_least("data.min_log2", d.min_log2, 0)
+    _at_least("data.max_log2", d.max_log2, 0, " (0: log2 of data.seq_len)")
+    if d.max_log2 and d.max_log2 < d.min_log2:
+        raise ConfigError(f"data.max_log2={d.max_log2} is below data.min_log2={d.min_log2}")
+    _at_least("data.limit_docs", d.limit_docs, 0, " (0: every document)")
+    _at_least("data.prefetch", d.prefetch, 0, " (0: no background thread)")
+    _one_of("data.loss_weighting", d.loss_weighting, LOSS_WEIGHTINGS)
+    if not d.store_dir:
+        raise ConfigError("data.store_dir is empty: name the token store directory")
+    for k, st in enumerate(d.stages):
+        _check_stage(k, st)
+    _check_schedule(cfg)
+
+
+def stage_batch(st: StageConfig, tokens_per_step: int) -> int:
+    """Sequences per step of a context-length stage: its own global_batch, or as many as keep
+    `tokens_per_step` tokens (`_check_schedule` checks that they divide)."""
+    return st.global_batch or tokens_per_step // st.seq_len
+
+
+def _check_schedule(cfg: RunConfig) -> None:
+    """What the packing needs of the sequence lengths and the tokens per step."""
+    d = cfg.data
+    tokens_per_step = cfg.train.global_batch * d.seq_len
+    if d.stages and d.packing == "decomposition":
+        raise ConfigError("data.stages needs a fixed-length packing (best_fit, concat_chunk)")
+    for k, st in enumerate(d.stages):
+        batch = stage_batch(st, tokens_per_step)
+        if batch < 1 or (not st.global_batch and tokens_per_step % st.seq_len):
+            raise ConfigError(
+                f"data.stages[{k}]: seq_len {st.seq_len} does not divide the "
+                f"{tokens_per_step} tokens per step; set data.stages[{k}].global_batch"
+            )
+    if d.packing == "decomposition" and d.max_log2 == 0 and d.seq_len & (d.seq_len - 1):
+        raise ConfigError(
+            f"packing=decomposition needs data.seq_len a power of two (got {d.seq_len}) "
+            "or an explicit data.max_log2"
+        )
+
+
+def validate_run_config(cfg: RunConfig, world_size: int) -> None:
+    """Raise ConfigError (a ValueError) on the first setting that cannot work on
+    `world_size` ranks."""
+    _check_data(cfg)
+    _check_train(cfg)
+    _check_optim(cfg)
+    _one_of("model.dtype", cfg.model.dtype, DTYPES)
+    try:
+        parallel.check_method(cfg.parallel.method, cfg.parallel.ring_impl)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    _one_of("logging.wandb.mode", cfg.logging.wandb.mode, WANDB_MODES)
+    if cfg.parallel.method == "none":  # every rank is a data-parallel rank
+        check_global_batch(cfg.train.global_batch, max(1, world_size))
+    if cfg.model.name == "hf":  # reads config.json (transformers)
+        check_seq_len(cfg.model, cfg.data.seq_len)
+
+
+__all__ = [
+    "check_deepspeed",
+    "check_global_batch",
+    "check_memory",
+    "check_plan",
+    "stage_batch",
+    "validate_run_config",
+]

@@ -1,0 +1,1 @@
+"""Conversions between longtrain checkpoints and other formats (Hugging Face export)."""

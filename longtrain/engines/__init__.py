@@ -1,1 +1,0 @@
-"""Sharded training engines besides FSDP2 (which lives in `longtrain.parallelize`)."""
