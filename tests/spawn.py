@@ -16,7 +16,6 @@ import io
 import logging
 import multiprocessing.connection
 import queue
-import socket
 import sys
 import time
 import traceback
@@ -27,6 +26,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from tests.helpers import free_port
 
 _PORT_RETRIES = 3  # a free port may be taken between picking it and binding it
 
@@ -51,12 +52,6 @@ class _RankPrefixed(io.TextIOBase):
 
     def flush(self) -> None:
         self._stream.flush()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(fn, rank, world_size, port, backend, timeout, args, result_q) -> None:
@@ -114,7 +109,7 @@ def _run_once(fn, world_size, args, timeout, backend) -> tuple[list[Any] | None,
     """One attempt; returns (results, None) or (None, error text)."""
     ctx = mp.get_context("spawn")
     result_q = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [
         ctx.Process(
             target=_worker,

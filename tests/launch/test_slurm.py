@@ -8,7 +8,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from launch.slurm import SlurmJob, main, render_sbatch
+from tests.helpers import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 JOB_ID = 73151  # the fake job's id; the derived port is 20000 + 73151 % 20000 = 33151
@@ -288,12 +288,6 @@ def test_no_sbatch_on_path_says_what_to_do(tmp_path, monkeypatch, capsys):
     assert "sbatch is not on PATH" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.distributed
 def test_two_nodes_meet_at_the_rendezvous(shims):
     """The rendered script, with srun starting one torchrun per 'node' on this machine: the
@@ -302,7 +296,7 @@ def test_two_nodes_meet_at_the_rendezvous(shims):
         nodes=2,
         gpus_per_node=1,
         module="tests.launch.echo_rank",
-        rdzv_port=_free_port(),
+        rdzv_port=free_port(),
         log_ranks="all",
         overrides=["train.steps=3"],
     )
