@@ -57,9 +57,12 @@ def describe_layout(cfg: RunConfig, env: DistEnv, dims) -> str:
     )
 
 
-def apply_model_stack(model: nn.Module, dims, cfg: RunConfig, offload_device: str = "cpu") -> None:
-    """Steps 1-3 of `parallelize`, in place: everything but the sharding engine. The planner
-    runs exactly this on its fake model (and models the engine's state apart).
+def apply_model_stack(
+    model: nn.Module, dims, cfg: RunConfig, offload_device: str = "cpu"
+) -> None:
+    """Steps 1-2 of `parallelize`, in place: sequence parallelism and the memory stack. The
+    planner runs exactly this on its fake model (compile changes no saved state; the engine's
+    state it models apart).
 
     `offload_device`: where offloaded block inputs wait ("cpu", pinned on CUDA; the planner
     passes "meta": host memory it counts apart)."""
@@ -69,22 +72,12 @@ def apply_model_stack(model: nn.Module, dims, cfg: RunConfig, offload_device: st
     # 2. The memory stack (train.memory): tiled MLP, loss tile size, activation
     #    checkpointing with offload of the checkpointed block inputs.
     apply_memory(model, cfg.train.memory, offload_device=offload_device)
-    # 3. Compile each block, so graph breaks stay local.
-    if cfg.train.compile:
-        for block in model.layers:
-            block.compile()
 
 
-def parallelize(model: nn.Module, dims, cfg: RunConfig, env: DistEnv, pad_id: int):
-    """Apply the configured parallelism to `model` in place; returns (model, StepContext).
-
-    `pad_id` fills the padding that sequence-parallel sharding adds (never trained on)."""
+def step_context(cfg: RunConfig, env: DistEnv, dims, pad_id: int) -> StepContext:
+    """What a training step of this layout needs besides the model (the planner's too)."""
     sp = dims is not None and dims.sp_size > 1
-    apply_model_stack(model, dims, cfg)  # steps 1-3
-    # 4. FSDP2 over every rank: dp x sp ranks all hold replicas of the same weights.
-    if env.world_size > 1 and cfg.train.engine == "fsdp2":
-        apply_fsdp2(model, env, cfg.train.memory.cpu_offload)
-    ctx = StepContext(
+    return StepContext(
         device=env.device,
         dtype=cfg.model.dtype,
         grad_clip=cfg.optim.grad_clip,
@@ -95,8 +88,21 @@ def parallelize(model: nn.Module, dims, cfg: RunConfig, env: DistEnv, pad_id: in
         world_group=None,
         sync_grads_manually=env.world_size > 1 and cfg.train.engine == "none",
     )
-    return model, ctx
 
+
+def parallelize(model: nn.Module, dims, cfg: RunConfig, env: DistEnv, pad_id: int):
+    """Apply the configured parallelism to `model` in place; returns (model, StepContext).
+
+    `pad_id` fills the padding that sequence-parallel sharding adds (never trained on)."""
+    apply_model_stack(model, dims, cfg)  # steps 1-2
+    # 3. Compile each block, so graph breaks stay local.
+    if cfg.train.compile:
+        for block in model.layers:
+            block.compile()
+    # 4. FSDP2 over every rank: dp x sp ranks all hold replicas of the same weights.
+    if env.world_size > 1 and cfg.train.engine == "fsdp2":
+        apply_fsdp2(model, env, cfg.train.memory.cpu_offload)
+    return model, step_context(cfg, env, dims, pad_id)
 
 __all__ = [
     "apply_model_stack",
@@ -104,4 +110,5 @@ __all__ = [
     "describe_layout",
     "parallelize",
     "resolve_degrees",
+    "step_context",
 ]

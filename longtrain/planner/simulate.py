@@ -27,10 +27,13 @@ import torch
 
 from longtrain import torch_private as private
 from longtrain.config import PlanConfig, RunConfig
-from longtrain.config.rules import check_plan, validate_run_config
-from longtrain.distributed.memory import apply_memory
+from longtrain.config.rules import check_global_batch, check_plan, validate_run_config
+from longtrain.data.batch import PackedBatch
+from longtrain.distributed import DistEnv
+from longtrain.distributed.parallelize import apply_model_stack, build_parallel_dims, step_context
 from longtrain.planner.engine_state import EngineState, engine_state
 from longtrain.planner.tracker import CATEGORIES, MemoryTracker
+from longtrain.trainer.step import LocalBatch, forward_loss, shard_micro_batch
 
 GIB = 1 << 30
 DEVICE = torch.device("cpu")  # fake tensors live on the CPU device; sizes are what matter
@@ -174,12 +177,8 @@ class Planner:
         self._stack = contextlib.ExitStack()
 
     def _micro_batches(self) -> tuple[int, int]:
-        per_rank, rest = divmod(self.cfg.train.global_batch, self.dp)
-        if rest or per_rank < 1:
-            raise ValueError(
-                f"train.global_batch={self.cfg.train.global_batch} must be a positive multiple "
-                f"of the data-parallel size {self.dp} (world {self.world_size} / sp {self.sp})"
-            )
+        check_global_batch(self.cfg.train.global_batch, self.dp)
+        per_rank = self.cfg.train.global_batch // self.dp
         micro = self.cfg.train.micro_batch or per_rank
         if per_rank % micro:
             raise ValueError(
@@ -189,16 +188,12 @@ class Planner:
 
     # ------------------------------------------------------------------ lifetime
     def __enter__(self) -> Planner:
-        import parallel
-
         self._stack.enter_context(private.fake_process_group(self.world_size))
         try:
-            if self.sp > 1:
-                self.dims = parallel.ParallelDims(
-                    self.world_size, ulysses=self.ulysses, ring=self.ring
-                )
-                self.dims.validate(self.cfg.model.n_heads, self.cfg.model.n_kv_heads)
-                self.dims.build_mesh(DEVICE.type)
+            # The trainer's own layout code, on a fake process group playing rank 0.
+            env = DistEnv(rank=0, world_size=self.world_size, local_rank=0, device=DEVICE)
+            self.dims = build_parallel_dims(self.cfg, env)
+            self.ctx = step_context(self.cfg, env, self.dims, pad_id=0)
             self.fake = private.fake_mode()
             full = self._build(self.cfg.model.n_layers)
             self.engine: EngineState = engine_state(self.cfg, full, self.world_size)
@@ -212,7 +207,8 @@ class Planner:
         return self
 
     def _build(self, n_layers: int):
-        import parallel
+        """A fake model of `n_layers` blocks, parallelised as `parallelize` does it up to the
+        sharding engine (`apply_model_stack`)."""
         from longtrain.model.llama import Transformer
 
         model_cfg = dataclasses.replace(
@@ -220,9 +216,7 @@ class Planner:
         )
         with self.fake, _default_dtype(self.cfg.model.dtype):
             model = Transformer(model_cfg)
-            if self.dims is not None:
-                parallel.apply(model, self.dims, self.cfg.parallel)
-            apply_memory(model, self.cfg.train.memory, offload_device=self._offload_device())
+            apply_model_stack(model, self.dims, self.cfg, offload_device=self._offload_device())
         return model
 
     def _offload_device(self) -> str:
@@ -246,12 +240,9 @@ class Planner:
         dyn = runs[0]
         if len(runs) == 2:
             dyn = runs[0].extrapolate(runs[1], self.cfg.model.n_layers - self.probe_layers[0])
-        return self._result(seq_len, int(batch[0].numel()), dyn)
+        return self._result(seq_len, int(batch.tokens.numel()), dyn)
 
-    def _simulate(self, model, batch) -> _Dynamic:
-        from longtrain.trainer.step import autocast_context
-
-        tokens, positions, labels, weights, meta = batch
+    def _simulate(self, model, local: LocalBatch) -> _Dynamic:
         tracker = MemoryTracker(DEVICE, workspace_rules(self.plan.device))
         host = MemoryTracker(HOST)  # offloaded activations
         handles = self._grad_hooks(model, tracker)
@@ -260,8 +251,7 @@ class Planner:
             with self.fake, self._kernel_paths(), host, tracker:
                 self._prefill_grads(model)
                 tracker.phase, tracker.label = "activations", "forward"
-                with autocast_context(DEVICE, self.cfg.model.dtype):  # the trainer's own
-                    loss = model(tokens, positions, meta, labels, weights)
+                loss = forward_loss(model, local, self.ctx)  # the trainer's own forward
                 tracker.phase, tracker.label = "loss", "loss backward"
                 loss.backward()
                 del loss
@@ -281,27 +271,32 @@ class Planner:
             stack.enter_context(private.gpu_kernel_paths())
         return stack
 
-    def _batch(self, seq_len: int):
-        import parallel
-        from kernels.attention import VarlenMeta
-
-        T = self.micro_batch * seq_len
-        cu = torch.arange(0, T + 1, seq_len, dtype=torch.int32)  # one document per sequence
-        tokens = torch.zeros(T, dtype=torch.int64)
-        positions = torch.arange(seq_len).repeat(self.micro_batch)
-        labels = torch.ones(T, dtype=torch.int64)
-        weights = torch.ones(T, dtype=torch.float32)
-        if self.dims is None:
-            return tokens, positions, labels, weights, VarlenMeta(cu, cu, seq_len, seq_len)
-        layout = parallel.shard_packed(cu, T, self.dims, self.cfg.parallel, sp_rank=0)
-        meta = layout.attn_meta
-        meta.gathered_meta(DEVICE)  # build the index plans now, with real tensors
-        if self.ring > 1:
-            if self.cfg.parallel.ring_impl == "allgather":
-                meta.allgather_plan(True, DEVICE)
-            else:
-                meta.zigzag_plans(True, DEVICE)
-        return (*[layout.take(x, 0) for x in (tokens, positions, labels, weights)], meta)
+    def _batch(self, seq_len: int) -> LocalBatch:
+        """Rank 0's part of one micro-batch of `micro_batch` sequences of `seq_len` tokens (one
+        document each), sharded by the trainer's `shard_micro_batch`; real tensors, with the
+        attention plans built now (they read values, which fake tensors do not have)."""
+        S, T = self.micro_batch, self.micro_batch * seq_len
+        mb = PackedBatch(
+            tokens=torch.zeros(T, dtype=torch.int64),
+            labels=torch.ones(T, dtype=torch.int64),
+            position_ids=torch.arange(seq_len).repeat(S),
+            cu_seqlens=torch.arange(0, T + 1, seq_len, dtype=torch.int32),
+            loss_weights=torch.ones(T, dtype=torch.float64),
+            segment_is_padding=torch.zeros(S, dtype=torch.bool),
+            num_sequences=S,
+            num_docs=S,
+            num_padding=0,
+        )
+        local = shard_micro_batch(mb, self.ctx)
+        if self.ctx.dims is not None:
+            meta = local.attn_meta
+            meta.gathered_meta(DEVICE)
+            if self.ring > 1:
+                if self.cfg.parallel.ring_impl == "allgather":
+                    meta.allgather_plan(True, DEVICE)
+                else:
+                    meta.zigzag_plans(True, DEVICE)
+        return local
 
     def _grad_hooks(self, model, tracker: MemoryTracker) -> list:
         """Keep whole gradients where the engine does; otherwise drop each as it is

@@ -75,22 +75,19 @@ def _no_mark(op: str) -> None:
     """The default progress mark: records nothing."""
 
 
-def train_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler,
-    micro_batches: list[PackedBatch],
-    ctx: StepContext,
-    mark: Callable[[str], None] = _no_mark,
-) -> dict:
-    """Run one optimizer step over this rank's micro-batches; returns global step metrics.
+def forward_loss(model: nn.Module, local: LocalBatch, ctx: StepContext) -> torch.Tensor:
+    """The weighted sum of token losses of this rank's part of a micro-batch (a scalar), in
+    the run's precision (bf16 autocast when model.dtype=bfloat16). The planner runs it too."""
+    with autocast_context(ctx.device, ctx.dtype):
+        return model(
+            local.tokens, local.position_ids, local.attn_meta, local.labels, local.loss_weights
+        )
 
-    `mark(op)` is called as each operation starts ("forward 1/4", "optimizer", ...), so that a
-    failure or a hang can be reported with it (longtrain.trainer.diagnostics.StepMonitor.mark)."""
-    t0 = time.perf_counter()
-    acc_dtype = torch.float64  # counts and loss sums: exact enough for any batch
-    # [trained weight, trained tokens, all tokens, padding tokens, documents, sequences,
-    #  attended (query, key) pairs, truncated segments]
+
+def _global_counts(micro_batches: list[PackedBatch], ctx: StepContext) -> torch.Tensor:
+    """float64 [8], summed over data-parallel ranks: trained weight, trained tokens, all
+    tokens, padding tokens, documents, sequences, attended (query, key) pairs, truncated
+    segments. Counts and sums in float64: exact for any batch."""
     counts = torch.tensor(
         [
             [
@@ -105,29 +102,48 @@ def train_step(
             ]
             for mb in micro_batches
         ],
-        dtype=acc_dtype,
+        dtype=torch.float64,
     ).sum(0)
-    mark("token counts all_reduce")
     all_reduce_sum(counts, ctx.dp_group)  # sp ranks share their sequences: reduce over dp only
-    global_weight = counts[0].item()
-    if global_weight <= 0:
-        raise RuntimeError("a step with no trained tokens: check seq_len and the data")
+    return counts
 
-    loss_sum = torch.zeros((), dtype=acc_dtype, device=ctx.device)
+
+def _forward_backward(model, micro_batches, ctx: StepContext, global_weight: float, mark):
+    """Forward and backward of every micro-batch (gradients accumulate); returns this rank's
+    loss sum (float64 scalar)."""
+    loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
     for i, mb in enumerate(micro_batches, 1):
         mark(f"forward {i}/{len(micro_batches)}")
         local = shard_micro_batch(mb, ctx)
-        with autocast_context(ctx.device, ctx.dtype):
-            mb_loss = model(
-                local.tokens, local.position_ids, local.attn_meta, local.labels, local.loss_weights
-            )
+        mb_loss = forward_loss(model, local, ctx)
         mark(f"backward {i}/{len(micro_batches)}")
         if ctx.engine is None:
             (mb_loss / global_weight).backward()
         else:
             ctx.engine.backward(mb_loss / global_weight)
-        loss_sum += mb_loss.detach().to(acc_dtype)
+        loss_sum += mb_loss.detach().to(torch.float64)
+    return loss_sum
 
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    micro_batches: list[PackedBatch],
+    ctx: StepContext,
+    mark: Callable[[str], None] = _no_mark,
+) -> dict:
+    """Run one optimizer step over this rank's micro-batches; returns global step metrics.
+
+    `mark(op)` is called as each operation starts ("forward 1/4", "optimizer", ...), so that a
+    failure or a hang can be reported with it (longtrain.trainer.diagnostics.StepMonitor.mark)."""
+    t0 = time.perf_counter()
+    mark("token counts all_reduce")
+    counts = _global_counts(micro_batches, ctx)
+    global_weight = counts[0].item()
+    if global_weight <= 0:
+        raise RuntimeError("a step with no trained tokens: check seq_len and the data")
+    loss_sum = _forward_backward(model, micro_batches, ctx, global_weight, mark)
     # The global loss first: a non-finite one must be known on every rank before any update.
     mark("loss all_reduce")
     all_reduce_sum(loss_sum, ctx.world_group)  # every rank's tokens are disjoint
@@ -147,6 +163,11 @@ def train_step(
         mark("end-of-step barrier")
         dist.barrier()  # the step ends when every rank's update is done: honest step time
     step_time = time.perf_counter() - t0
+    return _record(counts, loss, lr, grad_norm, applied, step_time)
+
+
+def _record(counts, loss: float, lr: float, grad_norm: float, applied: bool, step_time: float):
+    """The step's metrics line (before the loop adds step, shapes, memory and FLOPs)."""
     trained = int(counts[1].item())
     real_tokens = counts[2].item() - counts[3].item()
     return {
