@@ -38,3 +38,21 @@ def corpus(tmp_path_factory) -> Path:
     from tests.fixtures import write_text_corpus
 
     return write_text_corpus(tmp_path_factory.mktemp("corpus"), num_docs=60)
+
+
+@pytest.fixture(scope="session")
+def hf_corpus(tmp_path_factory) -> Path:
+    """30 small .txt documents: few enough that a tiny HF model's steps see them recur."""
+    from tests.fixtures import write_text_corpus
+
+    return write_text_corpus(tmp_path_factory.mktemp("hf_corpus"), num_docs=30)
+
+
+@pytest.fixture(scope="session")
+def hf_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Saved random-weight tiny Llama, Qwen2 and Mistral models (tests/hf_cases.py)."""
+    pytest.importorskip("transformers")
+    from tests.hf_cases import FAMILIES, save_hf_model
+
+    root = tmp_path_factory.mktemp("hf")
+    return {name: save_hf_model(make(), root / name) for name, make in FAMILIES.items()}

@@ -58,6 +58,7 @@ class StepMonitor:
         stream: where messages go (default: sys.stderr at the time of writing).
         exit_fn: how to exit, after flushing stdout and stderr (default os._exit: no cleanup
             that could block on a broken process group).
+        clock: seconds, monotonic (tests pass a fake one and call `poll` themselves).
     """
 
     def __init__(
@@ -68,6 +69,7 @@ class StepMonitor:
         exit_on_failure: bool = False,
         stream: TextIO | None = None,
         exit_fn: Callable[[int], None] = os._exit,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if heartbeat_s < 0 or hang_timeout_s < 0:
             raise ValueError(
@@ -80,6 +82,7 @@ class StepMonitor:
         self.exit_on_failure = exit_on_failure
         self._stream = stream
         self._exit = exit_fn
+        self._clock = clock
         self._lock = threading.Lock()
         self._step: int | None = None
         self._op = "start"
@@ -111,7 +114,7 @@ class StepMonitor:
     @contextlib.contextmanager
     def step(self, step: int) -> Iterator[None]:
         """Track optimizer step `step`; report (and in a distributed run, exit on) a failure."""
-        now = time.monotonic()
+        now = self._clock()
         with self._lock:
             self._step, self._op = step, "start"
             self._t_step = self._t_op = now
@@ -129,7 +132,7 @@ class StepMonitor:
         """Record that this rank now starts `op` (a short name: "forward 2/4", "optimizer")."""
         with self._lock:
             self._op = op
-            self._t_op = time.monotonic()
+            self._t_op = self._clock()
 
     @property
     def current(self) -> tuple[int | None, str]:
@@ -165,28 +168,36 @@ class StepMonitor:
 
     def _watch(self) -> None:
         while not self._stop.wait(self._tick):
-            now = time.monotonic()
-            with self._lock:
-                step, op = self._step, self._op
-                since_step, since_op = now - self._t_step, now - self._t_op
-                beat = self.heartbeat_s > 0 and now >= self._next_beat
-                if beat:
-                    self._next_beat += self.heartbeat_s
-            if step is None:
-                continue
-            if self.hang_timeout_s > 0 and since_op > self.hang_timeout_s:
-                self._write(
-                    f"rank {self.rank} step {step} made no progress for {since_op:.1f} s during "
-                    f"{op} (limit {self.hang_timeout_s:g} s): exiting so that the job does not "
-                    f"hang; where it is stuck:\n{self._main_stack()}"
-                )
-                self._exit_now()
+            if not self.poll():
                 return
+
+    def poll(self) -> bool:
+        """One look at the step (the watcher thread calls it every tick): print a heartbeat
+        when one is due, exit when the step made no progress for `hang_timeout_s`. Returns
+        False once it has exited the process."""
+        now = self._clock()
+        with self._lock:
+            step, op = self._step, self._op
+            since_step, since_op = now - self._t_step, now - self._t_op
+            beat = step is not None and self.heartbeat_s > 0 and now >= self._next_beat
             if beat:
-                self._write(
-                    f"rank {self.rank} step {step} still running after {since_step:.1f} s "
-                    f"(last op: {op}, for {since_op:.1f} s)"
-                )
+                self._next_beat += self.heartbeat_s
+        if step is None:
+            return True
+        if self.hang_timeout_s > 0 and since_op > self.hang_timeout_s:
+            self._write(
+                f"rank {self.rank} step {step} made no progress for {since_op:.1f} s during "
+                f"{op} (limit {self.hang_timeout_s:g} s): exiting so that the job does not "
+                f"hang; where it is stuck:\n{self._main_stack()}"
+            )
+            self._exit_now()
+            return False
+        if beat:
+            self._write(
+                f"rank {self.rank} step {step} still running after {since_step:.1f} s "
+                f"(last op: {op}, for {since_op:.1f} s)"
+            )
+        return True
 
 
 __all__ = ["EXIT_FAILURE", "StepMonitor"]

@@ -207,10 +207,16 @@ def test_signal_requeues_the_job(shims, sig, requeue_on_term, requeued):
     job = _run_batch(script, shims, nodes=2, SRUN_MODE="sleep")
     _wait_for(shims / "srun.pid")
     job.send_signal(sig)
+    head = ""
     if not requeued:  # Slurm signals the job steps too; here only the batch shell got it
-        time.sleep(0.2)
+        # Once the shell has handled TERM (its line is out), srun gets it too.
+        while "got SIGTERM" not in head:
+            line = job.stdout.readline()
+            assert line, f"the job ended without handling SIGTERM: {head}"
+            head += line
         os.kill(int((shims / "srun.pid").read_text()), signal.SIGTERM)
     log, _ = job.communicate(timeout=30)
+    log = head + log
     scontrol_log = shims / "scontrol.log"
     if requeued:
         assert scontrol_log.read_text() == f"requeue {JOB_ID}\n"

@@ -1,4 +1,5 @@
-"""Hugging Face models (longtrain/model/hf.py) and export (longtrain/convert/hf_export.py).
+"""Hugging Face models (longtrain/model/hf.py), trained through longtrain.train; the export
+of a trained hf run (longtrain/convert/hf_export.py; our own model's: tests/convert).
 
 Tiny random-weight Llama, Qwen2 and Mistral models saved to temp dirs; everything in float64
 on CPU. References are transformers' own models with its float64-capable `sdpa` attention,
@@ -12,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,135 +23,34 @@ pytest.importorskip("safetensors")
 
 from safetensors import safe_open
 from transformers import (
-    AutoModelForCausalLM,
     LlamaConfig,
     MistralConfig,
-    Qwen2Config,
 )
 
-from kernels.attention import VarlenMeta
-from longtrain.config import ModelConfig
 from longtrain.convert.hf_export import (
     EXPORT_MARKER,
     export_checkpoint,
-    export_llama,
-    hf_name,
-    main,
 )
-from longtrain.data.batch import IGNORE_INDEX, PackedBatch
-from longtrain.data.setup import build_loader
-from longtrain.data.token_store import TokenStore
-from longtrain.errors import DataError
+from longtrain.data.batch import IGNORE_INDEX
+from longtrain.distributed.memory import apply_memory
 from longtrain.model import HFCausalLM, build_model
 from longtrain.model.hf import check_seq_len, hf_model_config
 from longtrain.train import load_config, train
-from tests.fixtures import write_text_corpus
-
-REPO = Path(__file__).resolve().parents[2]
-VOCAB = 300  # > the byte tokenizer's 259 ids, so the test corpora fit
-TINY = dict(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
+from tests.hf_cases import (
+    F64,
+    FAMILIES,
+    REPO,
+    RUN,
+    TINY,
+    VOCAB,
+    packed,
+    random_docs,
+    read_losses,
+    reference_loss_sum,
+    reference_model,
+    save_hf_model,
+    step_batch,
 )
-FAMILIES = {
-    "llama": lambda: LlamaConfig(
-        **TINY, rope_parameters={"rope_type": "default", "rope_theta": 5e5}
-    ),
-    # Qwen2: q/k/v biases and tied embeddings, as its small checkpoints have.
-    "qwen2": lambda: Qwen2Config(**TINY, tie_word_embeddings=True),
-    # Mistral: a sliding window (4096) that the test documents never reach.
-    "mistral": lambda: MistralConfig(**TINY, sliding_window=4096),
-}
-F64 = dict(dtype="float64", attn_backend="torch", kernel_backend="torch")
-RUN = [
-    "model.dtype=float64",
-    "model.attn_backend=torch",
-    "model.kernel_backend=torch",
-    "data.seq_len=64",
-    "train.global_batch=4",
-    "optim.warmup_steps=0",
-    "optim.schedule=constant",
-    "optim.lr=1e-2",
-    "logging.wandb.mode=disabled",
-    "logging.progress=false",
-    "logging.plot=false",
-]
-
-
-def save_hf_model(config, path: Path, seed: int = 0) -> Path:
-    """A random-weight transformers model of `config`, saved (config.json + safetensors)."""
-    torch.manual_seed(seed)
-    AutoModelForCausalLM.from_config(config).save_pretrained(str(path))
-    return path
-
-
-@pytest.fixture(scope="module")
-def hf_dirs(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("hf")
-    return {name: save_hf_model(make(), root / name) for name, make in FAMILIES.items()}
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    return write_text_corpus(tmp_path_factory.mktemp("corpus"), num_docs=30)
-
-
-def reference_model(path: Path):
-    """transformers' own model of `path` in float64 with its exact (`sdpa`) attention."""
-    return AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=torch.float64, attn_implementation="sdpa"
-    )
-
-
-def packed(docs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    """(tokens, labels, position_ids, meta) of `docs` packed end to end; labels are the next
-    token of the same document (IGNORE_INDEX at each document's end)."""
-    tokens = torch.cat(docs)
-    labels = torch.cat([torch.cat([d[1:], torch.tensor([IGNORE_INDEX])]) for d in docs])
-    positions = torch.cat([torch.arange(len(d)) for d in docs])
-    cu = torch.zeros(len(docs) + 1, dtype=torch.int32)
-    cu[1:] = torch.cumsum(torch.tensor([len(d) for d in docs]), 0)
-    longest = max(len(d) for d in docs)
-    return tokens, labels, positions, VarlenMeta(cu, cu, longest, longest)
-
-
-def random_docs(lengths: list[int], seed: int) -> list[torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, VOCAB, (n,), generator=gen) for n in lengths]
-
-
-def reference_loss_sum(ref, mb: PackedBatch) -> torch.Tensor:
-    """Sum of token cross-entropies of a PackedBatch, each segment alone through `ref` with
-    its own (default) positions, against the batch's labels; float64 throughout."""
-    total = torch.zeros((), dtype=torch.float64)
-    bounds = mb.cu_seqlens.tolist()
-    for a, b, pad in zip(bounds[:-1], bounds[1:], mb.segment_is_padding.tolist()):
-        if pad:
-            continue
-        logits = ref(input_ids=mb.tokens[None, a:b]).logits[0]
-        total += F.cross_entropy(logits, mb.labels[a:b], ignore_index=IGNORE_INDEX, reduction="sum")
-    return total
-
-
-def read_losses(run_dir: Path) -> list[float]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)["loss"] for line in lines]
-
-
-def step_batch(run_dir: Path, step: int) -> PackedBatch:
-    """The (single) micro-batch that a one-process run of `run_dir` trained on at `step`."""
-    from longtrain.convert.hf_export import load_run_config
-
-    cfg = load_run_config(run_dir)
-    store = TokenStore.open(cfg.data.store_dir)
-    loader = build_loader(store, cfg, dp_rank=0, dp_size=1)
-    (mb,) = loader.batches_for_step(step).micro_batches
-    return mb
-
 
 # --------------------------------------------------------------------------------------------
 # The wrapper against transformers
@@ -244,7 +143,6 @@ MEMORY = [dict(mlp_tiles=3, loss_tile_tokens=7), dict(activation_checkpoint="ful
 
 @pytest.mark.parametrize("memory", MEMORY, ids=["mlp_and_loss_tiles", "activation_checkpoint"])
 def test_memory_stack_applies_unchanged(hf_dirs, memory):
-    apply_memory = pytest.importorskip("longtrain.distributed.memory.apply").apply_memory
     from longtrain.config import MemoryConfig
 
     tokens, labels, positions, meta = packed(random_docs([15, 25], seed=6))
@@ -347,14 +245,14 @@ def test_random_init_without_weights_is_seeded(tmp_path):
 # Training through longtrain.train, and export of an hf run
 
 
-def test_trains_and_exports_an_hf_run(tmp_path, hf_dirs, corpus):
+def test_trains_and_exports_an_hf_run(tmp_path, hf_dirs, hf_corpus):
     path = hf_dirs["qwen2"]
     cfg = load_config(
         [
             "model=hf",
             f"model.path={path}",
             *RUN,
-            f"data.source=dir:{corpus}",
+            f"data.source=dir:{hf_corpus}",
             f"data.store_dir={tmp_path / 'store'}",
             "train.steps=3",
             "train.ckpt_every=2",
@@ -392,157 +290,6 @@ def test_trains_and_exports_an_hf_run(tmp_path, hf_dirs, corpus):
 
 
 # --------------------------------------------------------------------------------------------
-# Export of our Transformer
-
-
-def tiny_transformer(tie: bool) -> torch.nn.Module:
-    cfg = ModelConfig(
-        vocab_size=61,
-        dim=32,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        ffn_dim=48,
-        rope_theta=5e5,
-        norm_eps=1e-5,
-        tie_embeddings=tie,
-        **F64,
-    )
-    return build_model(cfg, seed=1)
-
-
-# transformers computes RoPE angles and RMSNorm statistics in float32 even in float64 models:
-# relative errors of order 2^-24 ~ 6e-8 per op, a few ops over 2 layers; logits are O(1).
-# A mapping or RoPE-layout error would show as O(1e-1) differences.
-HF_FLOAT32_INSIDE = dict(rtol=0, atol=2e-6)
-
-
-@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
-def test_export_round_trip(tmp_path, tie):
-    model = tiny_transformer(tie)
-    out = export_llama(model, tmp_path / "hf", max_position_embeddings=64)
-    with safe_open(str(out / "model.safetensors"), "pt") as f:
-        keys = set(f.keys())
-    expected = {hf_name(n) for n, _ in model.named_parameters()}
-    assert keys == expected and ("lm_head.weight" in keys) == (not tie)
-
-    ref = reference_model(out)  # transformers loads it as a plain Llama
-    assert ref.config.tie_word_embeddings == tie
-    docs = random_docs([13, 40], seed=4)
-    docs = [d % 61 for d in docs]
-    for doc in docs:
-        _, _, positions, meta = packed([doc])
-        ours = model.logits(model(doc, positions, meta))
-        theirs = ref(input_ids=doc[None]).logits[0]
-        torch.testing.assert_close(ours, theirs, **HF_FLOAT32_INSIDE)
-
-    # Import: model=hf from the exported directory holds exactly our weights...
-    back = build_model(load_config(["model=hf", f"model.path={out}", *RUN[:3]]).model, seed=0)
-    ours_params = {hf_name(n): p for n, p in model.named_parameters()}
-    for name, p in back.hf.named_parameters():
-        assert torch.equal(p, ours_params[name]), name
-    # ...and gives transformers' logits on a packed batch (same modules: float64 exact).
-    tokens, _, positions, meta = packed(docs)
-    hidden = back(tokens, positions, meta)
-    theirs = torch.cat([ref(input_ids=d[None]).logits[0] for d in docs])
-    torch.testing.assert_close(back.logits(hidden), theirs, rtol=1e-12, atol=1e-12)
-
-
-def test_export_never_replaces_a_users_files(tmp_path):
-    model = tiny_transformer(tie=False)
-    mine = tmp_path / "mine"
-    mine.mkdir()
-    (mine / "notes.txt").write_text("my notes")
-    with pytest.raises(DataError) as err:
-        export_llama(model, mine, max_position_embeddings=64)
-    assert str(err.value) == (
-        f"export directory {mine} is not empty and holds files this exporter did not write "
-        "(notes.txt): choose a new or empty directory (nothing was written)"
-    )
-    assert os.listdir(mine) == ["notes.txt"] and (mine / "notes.txt").read_text() == "my notes"
-    with pytest.raises(DataError, match="notes.txt is a file: choose a new or empty directory"):
-        export_llama(model, mine / "notes.txt", max_position_embeddings=64)
-
-    # Its own earlier export may be replaced: the marker lists what it wrote.
-    out = export_llama(model, tmp_path / "hf", max_position_embeddings=64)
-    written = json.loads((out / EXPORT_MARKER).read_text())["files"]
-    assert written == ["config.json", "model.safetensors"]
-    # An earlier export's file that this one does not write (a shard, say) does not linger.
-    (out / "model-00002-of-00002.safetensors").write_bytes(b"old")
-    marker = {"files": [*written, "model-00002-of-00002.safetensors"]}
-    (out / EXPORT_MARKER).write_text(json.dumps(marker))
-    export_llama(tiny_transformer(tie=True), out, max_position_embeddings=64)
-    assert sorted(os.listdir(out)) == ["config.json", EXPORT_MARKER, "model.safetensors"]
-    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
-
-    # A file of the user's beside an export (a tokenizer, say): refused, nothing touched.
-    (out / "tokenizer.json").write_text("{}")
-    with pytest.raises(DataError, match=r"\(tokenizer.json\): choose a new or empty directory"):
-        export_llama(model, out, max_position_embeddings=64)
-    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
-
-
-def test_export_command_errors_are_one_line(tmp_path):
-    """A missing checkpoint: one line and exit status 2, not a traceback; nothing created."""
-    missing, out = tmp_path / "no_run", tmp_path / "out"
-    done = subprocess.run(
-        [sys.executable, "-m", "longtrain.convert.hf_export", str(missing), str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 2, done.stderr[-3000:]
-    assert done.stderr.splitlines() == [
-        f"longtrain.convert.hf_export: error: {missing} is neither a run directory (with "
-        "config.yaml) nor a checkpoint inside one (<run>/checkpoints/step_XXXXXXXX)"
-    ]
-    assert not out.exists()
-
-
-def test_export_of_a_trained_checkpoint(tmp_path, corpus, capsys):
-    common = [
-        "model.dim=32",
-        "model.n_layers=2",
-        "model.n_heads=4",
-        "model.n_kv_heads=2",
-        "model.ffn_dim=64",
-        "model.tie_embeddings=true",
-        *RUN,
-        f"data.source=dir:{corpus}",
-        f"data.store_dir={tmp_path / 'store'}",
-    ]
-    run_dir = train(
-        load_config([*common, "train.steps=3", "train.ckpt_every=2", "train.keep_last=0"]),
-        tmp_path / "run",
-    )
-    checkpoint = str(run_dir / "checkpoints" / "step_00000002")
-    # A directory of the user's is refused before the checkpoint is read: one line, status 2.
-    (tmp_path / "mine").mkdir()
-    (tmp_path / "mine" / "README.md").write_text("mine")
-    capsys.readouterr()  # the run's own output
-    with pytest.raises(SystemExit) as exited:
-        main([checkpoint, str(tmp_path / "mine")])
-    assert exited.value.code == 2
-    assert capsys.readouterr().err.splitlines() == [
-        f"longtrain.convert.hf_export: error: export directory {tmp_path / 'mine'} is not empty "
-        "and holds files this exporter did not write (README.md): choose a new or empty "
-        "directory (nothing was written)"
-    ]
-    assert os.listdir(tmp_path / "mine") == ["README.md"]
-    main([checkpoint, str(tmp_path / "hf")])
-    config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    store = TokenStore.open(tmp_path / "store")
-    assert (config["eos_token_id"], config["pad_token_id"]) == (store.eos_id, store.pad_id)
-    ref = reference_model(tmp_path / "hf")
-    mb2 = step_batch(run_dir, 2)
-    # The run's step-2 loss (our float64 model) against transformers with the exported
-    # weights; HF's float32 RoPE/RMSNorm give ~1e-7 relative (see HF_FLOAT32_INSIDE).
-    loss = (reference_loss_sum(ref, mb2) / mb2.num_trained()).item()
-    assert loss == pytest.approx(read_losses(run_dir)[2], rel=1e-6)
-
-
-# --------------------------------------------------------------------------------------------
 # Sequence parallelism: 2 processes equal 1
 
 
@@ -562,12 +309,12 @@ def run_torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess
 
 @pytest.mark.distributed
 @pytest.mark.parametrize(("method", "family"), [("ulysses", "qwen2"), ("ring", "llama")])
-def test_sequence_parallel_losses_equal_one_process(tmp_path, hf_dirs, corpus, method, family):
+def test_sequence_parallel_losses_equal_one_process(tmp_path, hf_dirs, hf_corpus, method, family):
     common = [
         "model=hf",
         f"model.path={hf_dirs[family]}",
         *RUN,
-        f"data.source=dir:{corpus}",
+        f"data.source=dir:{hf_corpus}",
         f"data.store_dir={tmp_path / 'store'}",
         "train.steps=4",
         "train.ckpt_final=false",
