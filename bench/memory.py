@@ -109,8 +109,8 @@ def _measure(rank: int, world: int, case: tuple, seq_len: int) -> int:
     from torch.profiler import ProfilerActivity, profile, record_function
 
     from longtrain.distributed import DistEnv
-    from longtrain.distributed.memory import apply_memory
     from longtrain.distributed.fsdp2 import apply_fsdp2
+    from longtrain.distributed.memory import apply_memory
     from longtrain.model import build_model
     from longtrain.trainer.optimizer import build_optimizer, build_scheduler
     from longtrain.trainer.step import StepContext, train_step

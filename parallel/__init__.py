@@ -4,7 +4,7 @@
     dims.validate(num_heads, num_kv_heads, seq_len)       # fails early, naming the numbers
     dims.build_mesh("cuda")                               # ("dp", "ring", "ulysses")
     parallel.apply(model, dims, cfg)                      # swap VarlenAttention for SPAttention
-    layout = parallel.shard_packed(cu_seqlens, T, dims, cfg)   # per micro-batch
+    layout = parallel.shard_packed(cu_seqlens_N1, T, dims, cfg)   # per micro-batch
     model(layout.take(tokens, pad_id), layout.take(position_ids, 0), layout.attn_meta, ...)
 
 Imports only `kernels` and torch (never `longtrain`).
@@ -16,7 +16,7 @@ from parallel.dims import ParallelDims, valid_ulysses_degrees
 from parallel.layout import ShardedLayout, SPMeta, check_method, shard_packed
 from parallel.ring import ring_attn_varlen_func
 from parallel.ring_allgather import ring_allgather_attn_varlen_func
-from parallel.sharding import SPLayout, contiguous_split, gather_back, zigzag_split
+from parallel.sharding import SPLayout
 from parallel.ulysses import ulysses_attn_varlen_func
 from parallel.usp import usp_attn_varlen_func
 
@@ -30,8 +30,6 @@ __all__ = [
     "SPMeta",
     "ShardedLayout",
     "apply",
-    "contiguous_split",
-    "gather_back",
     "ring_allgather_attn_varlen_func",
     "ring_attn_varlen_func",
     "ring_cost",
@@ -41,5 +39,4 @@ __all__ = [
     "usp_attn_varlen_func",
     "usp_cost",
     "valid_ulysses_degrees",
-    "zigzag_split",
 ]

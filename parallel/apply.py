@@ -2,7 +2,7 @@
 `kernels.attention.VarlenAttention` for `SPAttention`. The model file never changes; it
 passes `attn_meta` through, and with SP that is the `SPMeta` of `parallel.shard_packed`.
 
-Legend: T_local tokens on this rank, Hq / Hkv heads, D head dim.
+Legend: T_local tokens on this rank, Hq query heads, K KV heads, D head dim.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from parallel.usp import usp_attn_varlen_func
 class SPAttention(nn.Module):
     """Drop-in for VarlenAttention under sequence parallelism (Ulysses, ring, or USP).
 
-    forward(q [T_local, Hq, D], k / v [T_local, Hkv, D], meta: SPMeta, causal=True,
+    forward(q [T_local, Hq, D], k / v [T_local, K, D], meta: SPMeta, causal=True,
     softmax_scale=None) -> out [T_local, Hq, D].
     """
 

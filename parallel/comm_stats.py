@@ -1,10 +1,10 @@
 """Communication accounting: what each rank sends and receives, per collective kind, and the
 analytic bytes of each sequence-parallel method.
 
-Legend: T_local tokens on this SP rank, Hq query heads, Hkv KV heads, D head dim, e bytes per
+Legend: T_local tokens on this SP rank, Hq query heads, K KV heads, D head dim, e bytes per
 element of the activations, a bytes per element of gradient accumulators (4 for 16-bit
 inputs, else e), U Ulysses degree, R ring degree, hq = Hq / U, hk = KV heads per Ulysses
-rank (Hkv / U, or 1 when U % Hkv == 0: each KV head then goes to U / Hkv ranks).
+rank (K / U, or 1 when U % K == 0: each KV head then goes to U / K ranks).
 
 "Sent" counts bytes that leave the rank (an all-to-all's own chunk stays home and is not
 counted); every method here is symmetric, so received == sent. Per attention call:
@@ -13,11 +13,11 @@ Ulysses (2 all-to-alls forward, 2 backward: q, k, v travel together in one):
     forward  = (U-1) T_local D e (hq + 2 hk)  [q, k, v in]  + (U-1) T_local D e hq  [out back]
     backward = the same (dout in, then dq, dk, dv back), with a = e for dk, dv
 Ring, zigzag P2P (R-1 exchanges forward; backward R-1 K/V exchanges + R dK/dV exchanges):
-    forward  = (R-1) 2 T_local Hkv D e
-    backward = (R-1) 2 T_local Hkv D e + R 2 T_local Hkv D a
+    forward  = (R-1) 2 T_local K D e
+    backward = (R-1) 2 T_local K D e + R 2 T_local K D a
 Ring, all-gather (1 all-gather forward; backward 1 all-gather + 1 reduce-scatter):
-    forward  = (R-1) 2 T_local Hkv D e
-    backward = (R-1) 2 T_local Hkv D e + (R-1) 2 T_local Hkv D a
+    forward  = (R-1) 2 T_local K D e
+    backward = (R-1) 2 T_local K D e + (R-1) 2 T_local K D a
 USP: Ulysses over U on T_local tokens, then the ring over R on T_R = U T_local tokens with
 hk KV heads per rank.
 K/V are never repeated to the query head count before they are sent.
@@ -29,6 +29,9 @@ from collections import Counter
 from dataclasses import dataclass
 
 import torch
+
+from parallel.dims import kv_heads_per_rank
+from parallel.layout import check_method
 
 KINDS = ("all_to_all", "p2p", "all_gather", "reduce_scatter")
 
@@ -101,16 +104,12 @@ def acc_size(dtype: torch.dtype) -> int:
     return max(torch.finfo(dtype).bits // 8, 4)
 
 
-def _kv_heads_per_rank(num_kv_heads: int, ulysses: int) -> int:
-    return num_kv_heads // ulysses if num_kv_heads % ulysses == 0 else 1
-
-
 def ulysses_cost(
     t_local: int, num_heads: int, num_kv_heads: int, head_dim: int, ulysses: int, dtype
 ) -> CommCost:
     """Ulysses alone (attention on the gathered sequence); see the module docstring."""
     e = torch.finfo(dtype).bits // 8
-    hq, hk = num_heads // ulysses, _kv_heads_per_rank(num_kv_heads, ulysses)
+    hq, hk = num_heads // ulysses, kv_heads_per_rank(num_kv_heads, ulysses)
     per = (ulysses - 1) * t_local * head_dim * e
     fwd = per * (hq + 2 * hk) + per * hq
     calls = {"all_to_all": 2} if ulysses > 1 else {}
@@ -123,15 +122,14 @@ def ring_cost(t_local: int, num_kv_heads: int, head_dim: int, ring: int, dtype, 
     block = 2 * t_local * num_kv_heads * head_dim  # K and V elements of one rank
     if ring == 1:
         return CommCost(0, 0, {}, {})
+    check_method("ring", impl)
     if impl == "zigzag":
         fwd = (ring - 1) * block * e
         bwd = (ring - 1) * block * e + ring * block * a
         return CommCost(fwd, bwd, {"p2p": ring - 1}, {"p2p": 2 * ring - 1})
-    if impl == "allgather":
-        fwd = (ring - 1) * block * e
-        bwd = (ring - 1) * block * e + (ring - 1) * block * a
-        return CommCost(fwd, bwd, {"all_gather": 1}, {"all_gather": 1, "reduce_scatter": 1})
-    raise ValueError(f"unknown ring_impl {impl!r}; expected zigzag or allgather")
+    fwd = (ring - 1) * block * e  # allgather
+    bwd = (ring - 1) * block * e + (ring - 1) * block * a
+    return CommCost(fwd, bwd, {"all_gather": 1}, {"all_gather": 1, "reduce_scatter": 1})
 
 
 def usp_cost(
@@ -146,7 +144,7 @@ def usp_cost(
 ) -> CommCost:
     """Ulysses over `ulysses` ranks around a ring over `ring` ranks (either may be 1)."""
     u = ulysses_cost(t_local, num_heads, num_kv_heads, head_dim, ulysses, dtype)
-    hk = _kv_heads_per_rank(num_kv_heads, ulysses)
+    hk = kv_heads_per_rank(num_kv_heads, ulysses)
     r = ring_cost(t_local * ulysses, hk, head_dim, ring, dtype, impl)
     return CommCost(
         u.fwd_bytes + r.fwd_bytes,

@@ -1,6 +1,12 @@
-"""The process grid `dp x ring x ulysses`, every divisibility rule, and the process groups.
+"""The process grid `dp x ring x ulysses`, every rule on degrees, heads and shapes, and the
+process groups.
 
-Legend: P = ulysses x ring, the sequence-parallel (SP) size; Hq query heads, Hkv KV heads.
+Legend: P = ulysses x ring, the sequence-parallel (SP) size; R = ring; Hq query heads, K KV
+heads, T tokens on this rank, D head dim.
+
+The rules live here once: `ParallelDims.validate` applies them to a whole run before any work
+starts, and the attention functions call the same functions (`check_ulysses_heads`,
+`check_qkv`) so that a direct caller gets the same message.
 
 Rank layout (row-major over the mesh axes ("dp", "ring", "ulysses"), ulysses fastest):
 
@@ -31,10 +37,50 @@ def _positive_int(name: str, value) -> int:
     return value
 
 
+def _kv_heads_fit(num_kv_heads: int, ulysses: int) -> bool:
+    """KV heads split evenly over `ulysses` ranks (K % u == 0) or are replicated a whole
+    number of times (u % K == 0)."""
+    return num_kv_heads % ulysses == 0 or ulysses % num_kv_heads == 0
+
+
 def valid_ulysses_degrees(num_heads: int, num_kv_heads: int) -> list[int]:
     """Ulysses degrees u that split `num_heads` query heads evenly and whose KV heads either
-    split evenly (Hkv % u == 0) or are replicated a whole number of times (u % Hkv == 0)."""
-    return [u for u in _divisors(num_heads) if num_kv_heads % u == 0 or u % num_kv_heads == 0]
+    split evenly (K % u == 0) or are replicated a whole number of times (u % K == 0)."""
+    return [u for u in _divisors(num_heads) if _kv_heads_fit(num_kv_heads, u)]
+
+
+def check_ulysses_heads(num_heads: int, num_kv_heads: int, ulysses: int) -> None:
+    """ValueError unless Ulysses over `ulysses` ranks splits the query heads and splits or
+    replicates the KV heads; the message lists the valid degrees."""
+    if num_heads % ulysses == 0 and _kv_heads_fit(num_kv_heads, ulysses):
+        return
+    u = ulysses
+    valid = ", ".join(map(str, valid_ulysses_degrees(num_heads, num_kv_heads)))
+    if num_heads % u:
+        raise ValueError(
+            f"ulysses={u} needs query heads ({num_heads}) divisible by {u}; valid degrees: {valid}"
+        )
+    raise ValueError(
+        f"ulysses={u} needs KV heads ({num_kv_heads}) divisible by {u}, or {u} divisible "
+        f"by KV heads ({num_kv_heads}) so that each KV head is replicated a whole number "
+        f"of times; valid degrees: {valid}"
+    )
+
+
+def kv_heads_per_rank(num_kv_heads: int, ulysses: int) -> int:
+    """KV heads a rank holds after the Ulysses exchange: K / u, or 1 when the K heads are
+    replicated (u % K == 0: each goes to the u / K ranks whose query heads use it)."""
+    return num_kv_heads // ulysses if num_kv_heads % ulysses == 0 else 1
+
+
+def check_qkv(what: str, q_THD, k_TKD, v_TKD) -> None:
+    """ValueError unless q is [T, Hq, D] and k, v are [T, K, D] with the same T (`what`
+    names the caller in the message)."""
+    if q_THD.dim() != 3 or k_TKD.shape != v_TKD.shape or k_TKD.shape[0] != q_THD.shape[0]:
+        raise ValueError(
+            f"{what} needs q [T, Hq, D] and k, v [T, K, D] with the same T, got "
+            f"{tuple(q_THD.shape)}, {tuple(k_TKD.shape)}, {tuple(v_TKD.shape)}"
+        )
 
 
 class ParallelDims:
@@ -93,29 +139,17 @@ class ParallelDims:
                 f"query heads ({num_heads}) must be a multiple of KV heads ({num_kv_heads}); "
                 f"valid KV head counts: {', '.join(map(str, _divisors(num_heads)))}"
             )
-        u = self.ulysses
-        valid = ", ".join(map(str, valid_ulysses_degrees(num_heads, num_kv_heads)))
-        if num_heads % u:
-            raise ValueError(
-                f"ulysses={u} needs query heads ({num_heads}) divisible by {u}; "
-                f"valid degrees: {valid}"
-            )
-        if num_kv_heads % u and u % num_kv_heads:
-            raise ValueError(
-                f"ulysses={u} needs KV heads ({num_kv_heads}) divisible by {u}, or {u} divisible "
-                f"by KV heads ({num_kv_heads}) so that each KV head is replicated a whole number "
-                f"of times; valid degrees: {valid}"
-            )
+        check_ulysses_heads(num_heads, num_kv_heads, self.ulysses)
         if seq_len is not None:
             _positive_int("seq_len", seq_len)
             m = self.seq_multiple()
             if seq_len % m:
                 lo, hi = (seq_len // m) * m, (seq_len // m + 1) * m
                 why = (
-                    f"2 x ring x ulysses = 2 x {self.ring} x {u} = {m} (zigzag gives each ring "
-                    f"rank two halves)"
+                    f"2 x ring x ulysses = 2 x {self.ring} x {self.ulysses} = {m} (zigzag gives "
+                    f"each ring rank two halves)"
                     if self.ring > 1
-                    else f"ulysses ({u})"
+                    else f"ulysses ({self.ulysses})"
                 )
                 nearest = f"{lo} or {hi}" if lo > 0 else f"{hi}"
                 raise ValueError(
@@ -204,4 +238,11 @@ class ParallelDims:
         )
 
 
-__all__ = ["AXES", "ParallelDims", "valid_ulysses_degrees"]
+__all__ = [
+    "AXES",
+    "ParallelDims",
+    "check_qkv",
+    "check_ulysses_heads",
+    "kv_heads_per_rank",
+    "valid_ulysses_degrees",
+]

@@ -2,9 +2,9 @@
 rank's token indices and the attention metadata that the sequence-parallel module reads.
 
 Legend: T tokens of the micro-batch, T_local tokens on this SP rank, T_R tokens on this
-ring rank (what the Ulysses group gathers), B documents.
+ring rank (what the Ulysses group gathers), N documents.
 
-    layout = parallel.shard_packed(cu_seqlens_B1, T, dims, cfg)
+    layout = parallel.shard_packed(cu_seqlens_N1, T, dims, cfg)
     tokens = layout.take(tokens_T, pad_id)          # any valid id
     labels = layout.take(labels_T, -100)            # labels already shifted, per token
     position_ids = layout.take(position_ids_T, 0)
@@ -28,7 +28,9 @@ RING_IMPLS = ("zigzag", "allgather")
 
 
 def check_method(method: str, ring_impl: str) -> None:
-    """ValueError unless `method` and `ring_impl` are ones this package implements."""
+    """ValueError unless `method` and `ring_impl` are ones this package implements: the one
+    home of this rule (longtrain's config rules, `usp_attn_varlen_func` and `ring_cost` call
+    it)."""
     if method not in METHODS:
         raise ValueError(f"parallel.method={method!r}; expected one of {', '.join(METHODS)}")
     if ring_impl not in RING_IMPLS:
@@ -116,13 +118,13 @@ class ShardedLayout:
 
 
 def shard_packed(
-    cu_seqlens_B1: torch.Tensor,
+    cu_seqlens_N1: torch.Tensor,
     total_tokens: int,
     dims: ParallelDims,
     cfg,
     sp_rank: int | None = None,
 ) -> ShardedLayout:
-    """Shard one packed micro-batch (`total_tokens` tokens, documents `cu_seqlens_B1`) for
+    """Shard one packed micro-batch (`total_tokens` tokens, documents `cu_seqlens_N1`) for
     SP rank `sp_rank` (default: this process's, from the built mesh of `dims`).
 
     cfg has `method` (none | ulysses | ring | usp) and `ring_impl` (zigzag | allgather).
@@ -131,16 +133,16 @@ def shard_packed(
     """
     check_config(dims, cfg)
     if cfg.method == "none":
-        lengths = cu_seqlens_B1[1:] - cu_seqlens_B1[:-1]
+        lengths = cu_seqlens_N1[1:] - cu_seqlens_N1[:-1]
         longest = int(lengths.max()) if lengths.numel() else 0
-        cu = cu_seqlens_B1.to(torch.int32)
+        cu = cu_seqlens_N1.to(torch.int32)
         return ShardedLayout(torch.arange(total_tokens), VarlenMeta(cu, cu, longest, longest), 0)
     if sp_rank is None:
         sp_rank = dims.sp_rank
     if not 0 <= sp_rank < dims.sp_size:
         raise ValueError(f"sp_rank {sp_rank} is outside 0..{dims.sp_size - 1}")
     ring_rank, ulysses_rank = divmod(sp_rank, dims.ulysses)
-    layout = SPLayout(cu_seqlens_B1, total_tokens, dims.ring, dims.ulysses)
+    layout = SPLayout(cu_seqlens_N1, total_tokens, dims.ring, dims.ulysses)
     index = layout.local_index(ring_rank, ulysses_rank)
     return ShardedLayout(index, SPMeta(layout, ring_rank, ulysses_rank), int((index < 0).sum()))
 

@@ -2,8 +2,9 @@
 
 Legend: R ring degree, r this ring rank, s ring step, src = (r - s) mod R the rank whose K/V
 block this rank holds at step s, c_d one document's chunk length, o_d its first local
-position, L_d its real length, T_R tokens on a ring rank. A "segment" is one varlen
-document of an attention call: a contiguous run of queries and a contiguous run of keys.
+position, L_d its real length, T_R tokens on a ring rank, N segments of one attention call.
+A "segment" is one varlen document of an attention call: a contiguous run of queries and a
+contiguous run of keys.
 
 Per-document zigzag (sharding.SPLayout): ring rank r holds chunks r ("front") and 2R-1-r
 ("back") of every document, laid out [front | back]. For causal attention, step s of the
@@ -31,7 +32,7 @@ class BlockPlan:
 
     q_index [Tq] rows of the local queries used (None: all T_R, in order); k_index [Tk] rows
     of the key block used (None: all, in order; may repeat for the all-gather plan);
-    cu_seqlens_q / _k [B + 1] int32 segments over the selected rows; causal applies inside
+    cu_seqlens_q / _k [N + 1] int32: N segments over the selected rows; causal applies inside
     every segment, aligned bottom-right.
     """
 

@@ -20,11 +20,12 @@ import torch
 from kernels.attention import attn_varlen_bwd, attn_varlen_fwd, merge_attn_partials
 from parallel.comm import RingComm
 from parallel.comm_stats import CommStats
+from parallel.dims import check_qkv
 from parallel.plans import BlockPlan
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulators: float64 for float64 inputs, else float32."""
+    """Accumulators (and the lse): float64 for float64 inputs, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -109,17 +110,13 @@ class PartialMerger:
         return self.out_THD.to(dtype), self.lse_HT
 
 
-def lse_dtype_of(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 class _RingAttn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q_THD, k_TKD, v_TKD, group, plans, softmax_scale, backend, stats):
         ring = len(plans)
         kv_2TKD = torch.stack([k_TKD, v_TKD])  # one buffer: one send/recv pair per step
         comm = RingComm(group, stats, tag=0)
-        merger = PartialMerger(q_THD.shape[0], q_THD, lse_dtype_of(q_THD.dtype))
+        merger = PartialMerger(q_THD.shape[0], q_THD, acc_dtype(q_THD.dtype))
         for step, plan in enumerate(plans):
             if step + 1 < ring:
                 kv_next = comm.send_recv(kv_2TKD)  # (T, K, D) from rank - 1, for step + 1
@@ -204,11 +201,11 @@ class _RingAttn(torch.autograd.Function):
         )
 
 
-def _add_rows(acc_TXD: torch.Tensor, index: torch.Tensor | None, x_TXD: torch.Tensor) -> None:
+def _add_rows(acc_THD: torch.Tensor, index: torch.Tensor | None, x_THD: torch.Tensor) -> None:
     if index is None:
-        acc_TXD += x_TXD
+        acc_THD += x_THD
     else:
-        acc_TXD.index_add_(0, index, x_TXD.to(acc_TXD.dtype))
+        acc_THD.index_add_(0, index, x_THD.to(acc_THD.dtype))
 
 
 def ring_attn_varlen_func(
@@ -229,11 +226,7 @@ def ring_attn_varlen_func(
     Returns (out_THD [T, Hq, D] in q's dtype, lse_HT [Hq, T] float32, float64 for float64
     inputs; not differentiable). Differentiable in q, k, v.
     """
-    if q_THD.dim() != 3 or k_TKD.shape != v_TKD.shape or k_TKD.shape[0] != q_THD.shape[0]:
-        raise ValueError(
-            f"ring attention needs q [T, Hq, D] and k, v [T, K, D] with the same T, got "
-            f"{tuple(q_THD.shape)}, {tuple(k_TKD.shape)}, {tuple(v_TKD.shape)}"
-        )
+    check_qkv("ring attention", q_THD, k_TKD, v_TKD)
     if len(plans) != torch.distributed.get_world_size(group):
         raise ValueError(
             f"{len(plans)} block plans for a ring of "

@@ -1,7 +1,7 @@
 """Ring-degree attention by all-gathering K/V (Llama 3 style context parallelism).
 
 Legend: T tokens on this ring rank (T_R), Hq query heads, K KV heads, D head dim, R ring
-size, S key rows picked for this rank's segments (plans.allgather_plan).
+size; `_picked` names the key rows picked for this rank's segments (plans.allgather_plan).
 
 Forward: one all-gather of this rank's [2, T, K, D] K/V buffer gives every rank's blocks
 ([R, 2, T, K, D]); the keys each query segment sees are picked (per-rank cu_seqlens_q/k)
@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from parallel.comm import all_gather, reduce_scatter
 from parallel.comm_stats import CommStats
+from parallel.dims import check_qkv
 from parallel.plans import BlockPlan
 from parallel.ring import PartialMerger, acc_dtype, block_bwd, block_fwd
 
@@ -58,7 +59,7 @@ class _AllGatherAttn(torch.autograd.Function):
         q_THD, k_TKD, v_TKD, out_THD, lse_HT = ctx.saved_tensors
         ring = dist.get_world_size(ctx.group)
         k_all, v_all = _gather_kv(ctx.group, k_TKD, v_TKD, ctx.stats)
-        dq_b, dk_SKD, dv_SKD = block_bwd(
+        dq_b, dk_picked, dv_picked = block_bwd(
             dout_THD.contiguous(),
             q_THD,
             k_all,
@@ -77,8 +78,8 @@ class _AllGatherAttn(torch.autograd.Function):
             dq_THD = torch.zeros_like(q_THD).index_copy_(0, ctx.plan.q_index, dq_b)
         # Picked key rows -> gathered layout (a row picked twice sums), then to the owners.
         dkv_2RTKD = torch.zeros((2, ring * T, K, D), dtype=acc, device=k_TKD.device)
-        dkv_2RTKD[0].index_add_(0, ctx.plan.k_index, dk_SKD.to(acc))
-        dkv_2RTKD[1].index_add_(0, ctx.plan.k_index, dv_SKD.to(acc))
+        dkv_2RTKD[0].index_add_(0, ctx.plan.k_index, dk_picked.to(acc))
+        dkv_2RTKD[1].index_add_(0, ctx.plan.k_index, dv_picked.to(acc))
         # (2, R T, K, D) -> (R, 2, T, K, D): rank r's chunk is contiguous for reduce-scatter.
         dkv_R2TKD = dkv_2RTKD.view(2, ring, T, K, D).transpose(0, 1).contiguous()
         dkv_2TKD = dkv_R2TKD.new_empty((2, T, K, D))
@@ -113,11 +114,7 @@ def ring_allgather_attn_varlen_func(
     Returns (out_THD [T, Hq, D] in q's dtype, lse_HT [Hq, T] float32, float64 for float64;
     not differentiable). Differentiable in q, k, v.
     """
-    if q_THD.dim() != 3 or k_TKD.shape != v_TKD.shape or k_TKD.shape[0] != q_THD.shape[0]:
-        raise ValueError(
-            f"all-gather ring attention needs q [T, Hq, D] and k, v [T, K, D] with the same "
-            f"T, got {tuple(q_THD.shape)}, {tuple(k_TKD.shape)}, {tuple(v_TKD.shape)}"
-        )
+    check_qkv("all-gather ring attention", q_THD, k_TKD, v_TKD)
     return _AllGatherAttn.apply(q_THD, k_TKD, v_TKD, group, plan, softmax_scale, backend, stats)
 
 

@@ -1,15 +1,19 @@
 """Which tokens each sequence-parallel rank holds: pure index math, no communication.
 
-Legend: T tokens of the whole (packed) micro-batch, P ranks, R ring degree, U Ulysses degree,
-n documents, c_d one document's zigzag chunk length, T_R tokens on one ring rank (the
-sequence that a Ulysses group gathers), T_local tokens on one SP rank (T_R / U).
+Legend: T tokens of the whole (packed) micro-batch, P = U R SP ranks, R ring degree, U Ulysses
+degree, N documents, L_d one document's length, c_d its zigzag chunk length, o_d its first
+position on a ring rank, T_R tokens on one ring rank (the sequence that a Ulysses group
+gathers), T_local tokens on one SP rank (T_R / U).
 
-Three splits:
-- contiguous: rank r holds tokens [r T/P, (r+1) T/P) (Ulysses: attention sees all of them);
-- zigzag: the sequence cut into 2P chunks, rank r holds chunks r and 2P-1-r, so that under
-  causal attention every rank does the same work (early chunks are cheap, late ones dear);
-- per-document zigzag (`SPLayout`, for packed batches with a ring): every document is padded
-  to a multiple of 2R and zigzagged on its own, so every document is balanced.
+`SPLayout` combines two splits:
+- contiguous (inside a Ulysses group, and the whole layout when R == 1): Ulysses rank u holds
+  tokens [u T_R/U, (u+1) T_R/U) of its ring rank's T_R tokens (attention sees all of them
+  after the all-to-all);
+- per-document zigzag (over the ring, R > 1): every document is cut into 2R chunks (padded to
+  a multiple of 2R) and ring rank r holds chunks r and 2R-1-r of every document, so that
+  under causal attention every rank does the same work on every document (early chunks are
+  cheap, late ones dear). 4 ring ranks over one document of tokens 0..7: rank 0 holds
+  [0, 7], rank 1 [1, 6], rank 2 [2, 5], rank 3 [3, 4].
 
 Padding is never attended to by real tokens: within each document the padding forms its own
 attention document (it attends only to itself), it gets label -100 and weight 0, and it is
@@ -32,53 +36,9 @@ def ranges(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return torch.arange(total) - excl[seg] + starts[seg]
 
 
-def _check_split(num_tokens: int, parts: int, rank: int, multiple: int, what: str) -> None:
-    if parts < 1 or not 0 <= rank < parts:
-        raise ValueError(f"rank {rank} is outside 0..{parts - 1} for {parts} ranks")
-    if num_tokens % multiple:
-        raise ValueError(
-            f"{what} split of {num_tokens} tokens over {parts} ranks needs a multiple of "
-            f"{multiple}; pad to {-(-num_tokens // multiple) * multiple}"
-        )
-
-
-def contiguous_split(num_tokens: int, parts: int, rank: int) -> torch.Tensor:
-    """Token indices ([T / P], int64) held by `rank` of `parts` under a contiguous split."""
-    _check_split(num_tokens, parts, rank, parts, "contiguous")
-    n = num_tokens // parts
-    return torch.arange(rank * n, (rank + 1) * n)
-
-
-def zigzag_split(num_tokens: int, parts: int, rank: int) -> torch.Tensor:
-    """Token indices ([T / P], int64) held by `rank`: chunks `rank` and `2P-1-rank` of 2P."""
-    _check_split(num_tokens, parts, rank, 2 * parts, "zigzag")
-    c = num_tokens // (2 * parts)
-    back = 2 * parts - 1 - rank
-    return torch.cat(
-        [torch.arange(rank * c, (rank + 1) * c), torch.arange(back * c, (back + 1) * c)]
-    )
-
-
-def gather_back(shards: list[torch.Tensor], indices: list[torch.Tensor], num_tokens: int):
-    """Inverse of a split: put each rank's shard ([T_local, ...]) back at its indices
-    ([T_local], -1 = padding, dropped); returns [num_tokens, ...]. Raises if a token is
-    missing or held twice."""
-    first = shards[0]
-    out = first.new_zeros((num_tokens, *first.shape[1:]))
-    seen = torch.zeros(num_tokens, dtype=torch.long)
-    for x, idx in zip(shards, indices):
-        keep = idx >= 0
-        out[idx[keep]] = x[keep]
-        seen.index_add_(0, idx[keep], torch.ones(int(keep.sum()), dtype=torch.long))
-    if not bool((seen == 1).all()):
-        bad = torch.nonzero(seen != 1).flatten()[:8].tolist()
-        raise ValueError(f"gather_back: tokens {bad} are held {seen[bad].tolist()} times")
-    return out
-
-
-def doc_lengths(cu_seqlens_B1: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """Document lengths ([B], int64) from cu_seqlens ([B + 1]); checks it covers num_tokens."""
-    cu = cu_seqlens_B1.detach().to("cpu", torch.long)
+def doc_lengths(cu_seqlens_N1: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Document lengths ([N], int64) from cu_seqlens ([N + 1]); checks it covers num_tokens."""
+    cu = cu_seqlens_N1.detach().to("cpu", torch.long)
     if cu.dim() != 1 or len(cu) < 1 or int(cu[0]) != 0:
         raise ValueError(f"cu_seqlens must be 1-D and start at 0, got {cu.tolist()[:8]}")
     lengths = cu[1:] - cu[:-1]
@@ -95,6 +55,9 @@ def doc_lengths(cu_seqlens_B1: torch.Tensor, num_tokens: int) -> torch.Tensor:
 class SPLayout:
     """The token layout of one packed micro-batch over `ring x ulysses` SP ranks.
 
+    N' documents: the non-empty documents of `cu_seqlens_N1` plus, when needed, a trailing
+    padding document; the per-document tensors below are [N'].
+
     ring == 1: the sequence stays in order, a padding document at the end makes T a multiple
     of `ulysses`, and SP rank u holds a contiguous slice.
     ring > 1: per-document zigzag over the ring: document d (length L_d) is padded to
@@ -107,13 +70,13 @@ class SPLayout:
     equal-size tensors. All tensors here are int64 on the CPU.
     """
 
-    def __init__(self, cu_seqlens_B1: torch.Tensor, num_tokens: int, ring: int, ulysses: int):
+    def __init__(self, cu_seqlens_N1: torch.Tensor, num_tokens: int, ring: int, ulysses: int):
         if ring < 1 or ulysses < 1:
             raise ValueError(f"ring ({ring}) and ulysses ({ulysses}) must be >= 1")
-        lengths = doc_lengths(cu_seqlens_B1, num_tokens)
+        lengths = doc_lengths(cu_seqlens_N1, num_tokens)
         keep = lengths > 0
         self.ring, self.ulysses, self.num_tokens = ring, ulysses, num_tokens
-        starts = cu_seqlens_B1.detach().to("cpu", torch.long)[:-1][keep]
+        starts = cu_seqlens_N1.detach().to("cpu", torch.long)[:-1][keep]
         lengths = lengths[keep]
         if ring == 1:
             chunk = lengths.clone()  # unused "chunks": the document stays whole
@@ -130,13 +93,13 @@ class SPLayout:
             lengths = torch.cat([lengths, torch.tensor([0])])
             chunk = torch.cat([chunk, torch.tensor([pad])])
             padded = torch.cat([padded, torch.tensor([pad if ring == 1 else 2 * ring * pad])])
-        self.doc_start = starts  # [n] first token of each document in the original order
-        self.real_len = lengths  # [n] L_d (0 for the trailing padding document)
-        self.chunk = chunk  # [n] c_d (ring > 1)
-        self.padded_len = padded  # [n] L_d plus its padding
-        self.padded_start = torch.cumsum(padded, 0) - padded  # [n] in the padded sequence
+        self.doc_start = starts  # [N'] first token of each document in the original order
+        self.real_len = lengths  # [N'] L_d (0 for the trailing padding document)
+        self.chunk = chunk  # [N'] c_d (ring > 1)
+        self.padded_len = padded  # [N'] L_d plus its padding
+        self.padded_start = torch.cumsum(padded, 0) - padded  # [N'] in the padded sequence
         slab = 2 * chunk if ring > 1 else padded  # tokens of document d on one ring rank
-        self.local_start = torch.cumsum(slab, 0) - slab  # [n] o_d on a ring rank
+        self.local_start = torch.cumsum(slab, 0) - slab  # [N'] o_d on a ring rank
         self.slab = slab
         self.ring_tokens = int(slab.sum())  # T_R
         self.local_tokens = self.ring_tokens // ulysses  # T_local
@@ -191,8 +154,9 @@ class SPLayout:
         return (L - ring_rank * c).clamp(0).minimum(c), (L - back * c).clamp(0).minimum(c)
 
     def ring_cu_seqlens(self, ring_rank: int) -> torch.Tensor:
-        """Attention documents of a ring rank's T_R tokens ([B' + 1], int64): per document its
-        real tokens, then its padding as a document of its own; empty ones dropped."""
+        """Attention documents of a ring rank's T_R tokens (cu_seqlens, int64, at most 2 N' + 1
+        entries): per document its real tokens, then its padding as a document of its own;
+        empty ones dropped."""
         front, back = self.real_counts(ring_rank)
         real = front + back
         seg = torch.stack([real, self.slab - real], 1).flatten()
@@ -220,11 +184,4 @@ class SPLayout:
         return owner * self.ring_tokens + local
 
 
-__all__ = [
-    "SPLayout",
-    "contiguous_split",
-    "doc_lengths",
-    "gather_back",
-    "ranges",
-    "zigzag_split",
-]
+__all__ = ["SPLayout", "doc_lengths", "ranges"]

@@ -1,16 +1,20 @@
 """Ulysses sequence parallelism: all-to-all from sequence shards to head shards and back.
 
-Legend: T tokens of the gathered sequence, P Ulysses size, T/P tokens on this rank, Hq query
-heads, Hkv KV heads, hq = Hq / P and hk KV heads per rank after the exchange, D head dim.
+Legend: P ranks in the Ulysses group; T tokens on this rank (its contiguous slice), so the
+gathered sequence has P T tokens; Hq query heads, K KV heads, D head dim. After the exchange
+a rank holds all P T tokens of hq = Hq / P query heads and hk KV heads (K / P, or 1 when K
+heads are replicated: `dims.kv_heads_per_rank`). Names: `q_THD` this rank's slice; `_PTHD` a
+send or receive buffer whose chunk j is for (or from) rank j; `_gathered` the gathered
+sequence [P T, hq or hk, D] (lse: [hq, P T]).
 
-    q, k, v (T/P, H, D) --all-to-all--> (T, H/P, D) --attention--> (T, hq, D)
-                                                  --all-to-all--> out (T/P, Hq, D)
+    q, k, v (T, H, D) --all-to-all--> (P T, H/P, D) --attention--> (P T, hq, D)
+                                                  --all-to-all--> out (T, Hq, D)
 
 q, k and v travel in ONE all-to-all (each rank's part for rank j packed side by side), so a
 forward issues exactly 2 all-to-alls and a backward 2 (dout in, dq/dk/dv back).
-GQA: when Hkv % P == 0 the KV heads are split like the query heads (hk = Hkv / P), never
-repeated. When Hkv < P (P % Hkv == 0), rank j needs the one KV head that its query heads
-[j hq, (j+1) hq) use, head j Hkv / P; each KV head is then sent to the P / Hkv ranks that
+GQA: when K % P == 0 the KV heads are split like the query heads (hk = K / P), never
+repeated. When K < P (P % K == 0), rank j needs the one KV head that its query heads
+[j hq, (j+1) hq) use, head j K / P; each KV head is then sent to the P / K ranks that
 need it and no more (hk = 1), and the backward sums the gradients of those copies.
 """
 
@@ -23,116 +27,102 @@ import torch.distributed as dist
 
 from parallel.comm import all_to_all
 from parallel.comm_stats import CommStats
+from parallel.dims import check_qkv, check_ulysses_heads
 
 
-def check_heads(num_heads: int, num_kv_heads: int, degree: int) -> None:
-    """ValueError unless `degree` splits the query heads and splits or replicates KV heads."""
-    if num_heads % degree or (num_kv_heads % degree and degree % num_kv_heads):
-        raise ValueError(
-            f"Ulysses over {degree} ranks needs query heads ({num_heads}) divisible by {degree} "
-            f"and KV heads ({num_kv_heads}) divisible by {degree} or dividing it; "
-            f"see ParallelDims.validate for the valid degrees"
-        )
+def _kv_for_dest(x_TKD: torch.Tensor, P: int) -> torch.Tensor:
+    """(T, K, D) -> (T, P, hk, D): the KV heads each destination rank needs."""
+    T, K, D = x_TKD.shape
+    if K % P == 0:
+        return x_TKD.view(T, P, K // P, D)
+    # K < P: destination j gets KV head j K / P (one copy per rank that needs it).
+    index = torch.arange(P, device=x_TKD.device) * K // P
+    return x_TKD.index_select(1, index).view(T, P, 1, D)
 
 
-def kv_heads_per_rank(num_kv_heads: int, degree: int) -> int:
-    """hk: KV heads a rank holds after the exchange (1 when KV heads are replicated)."""
-    return num_kv_heads // degree if num_kv_heads % degree == 0 else 1
-
-
-def _kv_for_dest(x_TKD: torch.Tensor, degree: int) -> torch.Tensor:
-    """(T/P, Hkv, D) -> (T/P, P, hk, D): the KV heads each destination rank needs."""
-    Tl, Hkv, D = x_TKD.shape
-    if Hkv % degree == 0:
-        return x_TKD.view(Tl, degree, Hkv // degree, D)
-    # Hkv < P: destination j gets KV head j Hkv / P (one copy per rank that needs it).
-    index = torch.arange(degree, device=x_TKD.device) * Hkv // degree
-    return x_TKD.index_select(1, index).view(Tl, degree, 1, D)
-
-
-def _kv_grad_from_dest(d_TPhD: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
-    """(T/P, P, hk, D) -> (T/P, Hkv, D); replicated heads sum their copies' gradients."""
-    Tl, degree, hk, D = d_TPhD.shape
-    if num_kv_heads % degree == 0:
-        return d_TPhD.reshape(Tl, num_kv_heads, D)
-    index = torch.arange(degree, device=d_TPhD.device) * num_kv_heads // degree
-    d_TKD = d_TPhD.new_zeros((Tl, num_kv_heads, D))
-    return d_TKD.index_add_(1, index, d_TPhD[:, :, 0])
+def _kv_grad_from_dest(d_TPKD: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """(T, P, hk, D) -> (T, K, D); replicated heads sum their copies' gradients."""
+    T, P, hk, D = d_TPKD.shape
+    if num_kv_heads % P == 0:
+        return d_TPKD.reshape(T, num_kv_heads, D)
+    index = torch.arange(P, device=d_TPKD.device) * num_kv_heads // P
+    d_TKD = d_TPKD.new_zeros((T, num_kv_heads, D))
+    return d_TKD.index_add_(1, index, d_TPKD[:, :, 0])
 
 
 class _SeqToHeads(torch.autograd.Function):
-    """q (T/P, Hq, D), k, v (T/P, Hkv, D) -> (T, hq, D), (T, hk, D), (T, hk, D)."""
+    """q (T, Hq, D), k, v (T, K, D) -> (P T, hq, D), (P T, hk, D), (P T, hk, D)."""
 
     @staticmethod
     def forward(ctx, q_THD, k_TKD, v_TKD, group, stats):
         P = dist.get_world_size(group)
-        Tl, Hq, D = q_THD.shape
+        T, Hq, D = q_THD.shape
         hq = Hq // P
-        k_TPhD, v_TPhD = _kv_for_dest(k_TKD, P), _kv_for_dest(v_TKD, P)
-        hk = k_TPhD.shape[2]
-        send_PThD = q_THD.new_empty((P, Tl, hq + 2 * hk, D))
-        send_PThD[:, :, :hq] = q_THD.view(Tl, P, hq, D).transpose(0, 1)
-        send_PThD[:, :, hq : hq + hk] = k_TPhD.transpose(0, 1)
-        send_PThD[:, :, hq + hk :] = v_TPhD.transpose(0, 1)
-        recv_PThD = torch.empty_like(send_PThD)
-        all_to_all(group, recv_PThD, send_PThD, stats)  # (T/P, H, D) -> (T, H/P, D), q k v
-        qkv_ThD = recv_PThD.view(P * Tl, hq + 2 * hk, D)  # sources in rank order = sequence
-        ctx.group, ctx.stats, ctx.dims = group, stats, (P, Tl, Hq, k_TKD.shape[1], hq, hk, D)
+        k_TPKD, v_TPKD = _kv_for_dest(k_TKD, P), _kv_for_dest(v_TKD, P)
+        hk = k_TPKD.shape[2]
+        send_PTHD = q_THD.new_empty((P, T, hq + 2 * hk, D))
+        send_PTHD[:, :, :hq] = q_THD.view(T, P, hq, D).transpose(0, 1)
+        send_PTHD[:, :, hq : hq + hk] = k_TPKD.transpose(0, 1)
+        send_PTHD[:, :, hq + hk :] = v_TPKD.transpose(0, 1)
+        recv_PTHD = torch.empty_like(send_PTHD)
+        all_to_all(group, recv_PTHD, send_PTHD, stats)  # (T, H, D) -> (P T, H/P, D), q k v
+        qkv_gathered = recv_PTHD.view(P * T, hq + 2 * hk, D)  # sources in rank order = sequence
+        ctx.group, ctx.stats, ctx.dims = group, stats, (P, T, Hq, k_TKD.shape[1], hq, hk, D)
         ctx.dtype, ctx.device = q_THD.dtype, q_THD.device
-        return qkv_ThD[:, :hq], qkv_ThD[:, hq : hq + hk], qkv_ThD[:, hq + hk :]
+        return qkv_gathered[:, :hq], qkv_gathered[:, hq : hq + hk], qkv_gathered[:, hq + hk :]
 
     @staticmethod
-    def backward(ctx, dq_ThD, dk_ThD, dv_ThD):
-        P, Tl, Hq, Hkv, hq, hk, D = ctx.dims
-        send_ThD = torch.empty((P * Tl, hq + 2 * hk, D), dtype=ctx.dtype, device=ctx.device)
+    def backward(ctx, dq_gathered, dk_gathered, dv_gathered):
+        P, T, Hq, K, hq, hk, D = ctx.dims
+        send_gathered = torch.empty((P * T, hq + 2 * hk, D), dtype=ctx.dtype, device=ctx.device)
         for lo, hi, grad in (
-            (0, hq, dq_ThD),
-            (hq, hq + hk, dk_ThD),
-            (hq + hk, hq + 2 * hk, dv_ThD),
+            (0, hq, dq_gathered),
+            (hq, hq + hk, dk_gathered),
+            (hq + hk, hq + 2 * hk, dv_gathered),
         ):
-            send_ThD[:, lo:hi] = 0 if grad is None else grad
-        recv_PThD = torch.empty_like(send_ThD).view(P, Tl, hq + 2 * hk, D)
-        all_to_all(ctx.group, recv_PThD, send_ThD.view(P, Tl, hq + 2 * hk, D), ctx.stats)
-        # (T, H/P, D) -> (T/P, H, D): chunk j holds head group j of our T/P tokens.
-        recv_TPhD = recv_PThD.transpose(0, 1)
-        dq_THD = recv_TPhD[:, :, :hq].reshape(Tl, Hq, D)
-        dk_TKD = _kv_grad_from_dest(recv_TPhD[:, :, hq : hq + hk], Hkv)
-        dv_TKD = _kv_grad_from_dest(recv_TPhD[:, :, hq + hk :], Hkv)
+            send_gathered[:, lo:hi] = 0 if grad is None else grad
+        recv_PTHD = torch.empty_like(send_gathered).view(P, T, hq + 2 * hk, D)
+        all_to_all(ctx.group, recv_PTHD, send_gathered.view(P, T, hq + 2 * hk, D), ctx.stats)
+        # (P T, H/P, D) -> (T, H, D): chunk j holds head group j of our T tokens.
+        recv_TPHD = recv_PTHD.transpose(0, 1)
+        dq_THD = recv_TPHD[:, :, :hq].reshape(T, Hq, D)
+        dk_TKD = _kv_grad_from_dest(recv_TPHD[:, :, hq : hq + hk], K)
+        dv_TKD = _kv_grad_from_dest(recv_TPHD[:, :, hq + hk :], K)
         return dq_THD, dk_TKD, dv_TKD, None, None
 
 
 class _HeadsToSeq(torch.autograd.Function):
-    """out (T, hq, D) -> (T/P, Hq, D)."""
+    """out (P T, hq, D) -> (T, Hq, D)."""
 
     @staticmethod
-    def forward(ctx, out_ThD, group, stats):
+    def forward(ctx, out_gathered, group, stats):
         P = dist.get_world_size(group)
-        T, hq, D = out_ThD.shape
-        send_PThD = out_ThD.contiguous().view(P, T // P, hq, D)  # chunk j: rank j's tokens
-        recv_PThD = torch.empty_like(send_PThD)
-        all_to_all(group, recv_PThD, send_PThD, stats)  # (T, H/P, D) -> (T/P, H, D)
+        PT, hq, D = out_gathered.shape
+        send_PTHD = out_gathered.contiguous().view(P, PT // P, hq, D)  # chunk j: rank j's tokens
+        recv_PTHD = torch.empty_like(send_PTHD)
+        all_to_all(group, recv_PTHD, send_PTHD, stats)  # (P T, H/P, D) -> (T, H, D)
         ctx.group, ctx.stats = group, stats
-        # (P, T/P, hq, D) -> (T/P, P hq, D): head group j came from rank j.
-        return recv_PThD.transpose(0, 1).reshape(T // P, P * hq, D)
+        # (P, T, hq, D) -> (T, P hq, D): head group j came from rank j.
+        return recv_PTHD.transpose(0, 1).reshape(PT // P, P * hq, D)
 
     @staticmethod
     def backward(ctx, dout_THD):
         P = dist.get_world_size(ctx.group)
-        Tl, Hq, D = dout_THD.shape
-        send_PThD = dout_THD.reshape(Tl, P, Hq // P, D).transpose(0, 1).contiguous()
-        recv_PThD = torch.empty_like(send_PThD)
-        all_to_all(ctx.group, recv_PThD, send_PThD, ctx.stats)  # (T/P, H, D) -> (T, H/P, D)
-        return recv_PThD.view(P * Tl, Hq // P, D), None, None
+        T, Hq, D = dout_THD.shape
+        send_PTHD = dout_THD.reshape(T, P, Hq // P, D).transpose(0, 1).contiguous()
+        recv_PTHD = torch.empty_like(send_PTHD)
+        all_to_all(ctx.group, recv_PTHD, send_PTHD, ctx.stats)  # (T, H, D) -> (P T, H/P, D)
+        return recv_PTHD.view(P * T, Hq // P, D), None, None
 
 
-def lse_to_seq(group, lse_HT: torch.Tensor, stats: CommStats | None) -> torch.Tensor:
-    """lse (hq, T) -> (Hq, T/P), not differentiable (one more all-to-all; tests use it)."""
+def lse_to_seq(group, lse_gathered: torch.Tensor, stats: CommStats | None) -> torch.Tensor:
+    """lse (hq, P T) -> (Hq, T), not differentiable (one more all-to-all; tests use it)."""
     P = dist.get_world_size(group)
-    hq, T = lse_HT.shape
-    send_PHT = lse_HT.detach().view(hq, P, T // P).transpose(0, 1).contiguous()
+    hq, PT = lse_gathered.shape
+    send_PHT = lse_gathered.detach().view(hq, P, PT // P).transpose(0, 1).contiguous()
     recv_PHT = torch.empty_like(send_PHT)
-    all_to_all(group, recv_PHT, send_PHT, stats)  # (H/P, T) -> (H, T/P)
-    return recv_PHT.view(P * hq, T // P)
+    all_to_all(group, recv_PHT, send_PHT, stats)  # (H/P, P T) -> (H, T)
+    return recv_PHT.view(P * hq, PT // P)
 
 
 def ulysses_attn_varlen_func(
@@ -146,26 +136,24 @@ def ulysses_attn_varlen_func(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Ulysses attention: gather the sequence, scatter heads, attend, and back.
 
-    Args: group, the Ulysses process group (P ranks, consecutive); q_THD [T/P, Hq, D],
-    k_TKD / v_TKD [T/P, Hkv, D] this rank's contiguous slice of the sequence;
-    inner(q [T, hq, D], k [T, hk, D], v [T, hk, D]) -> (out [T, hq, D], lse [hq, T]), the
-    attention over the gathered sequence (local varlen attention, or a ring for USP).
-    Returns (out_THD [T/P, Hq, D], lse_HT [Hq, T/P] if return_lse else None).
+    Args: group, the Ulysses process group (P ranks, consecutive); q_THD [T, Hq, D],
+    k_TKD / v_TKD [T, K, D] this rank's contiguous slice of the sequence;
+    inner(q [P T, hq, D], k [P T, hk, D], v [P T, hk, D]) -> (out [P T, hq, D],
+    lse [hq, P T]), the attention over the gathered sequence (local varlen attention, or a
+    ring for USP).
+    Returns (out_THD [T, Hq, D], lse_HT [Hq, T] if return_lse else None).
     Differentiable in q, k, v. Collectives: 2 all-to-alls forward, 2 backward (+1 forward
-    for return_lse).
+    for return_lse). Raises ValueError for shapes or head counts P cannot split
+    (`dims.check_ulysses_heads`, the rule `ParallelDims.validate` applies).
     """
-    if q_THD.dim() != 3 or k_TKD.shape != v_TKD.shape or k_TKD.shape[0] != q_THD.shape[0]:
-        raise ValueError(
-            f"Ulysses needs q [T, Hq, D] and k, v [T, Hkv, D] with the same T, got "
-            f"{tuple(q_THD.shape)}, {tuple(k_TKD.shape)}, {tuple(v_TKD.shape)}"
-        )
-    check_heads(q_THD.shape[1], k_TKD.shape[1], dist.get_world_size(group))
-    q_ThD, k_ThD, v_ThD = _SeqToHeads.apply(
+    check_qkv("Ulysses", q_THD, k_TKD, v_TKD)
+    check_ulysses_heads(q_THD.shape[1], k_TKD.shape[1], dist.get_world_size(group))
+    q_gathered, k_gathered, v_gathered = _SeqToHeads.apply(
         q_THD.contiguous(), k_TKD.contiguous(), v_TKD.contiguous(), group, stats
     )
-    out_ThD, lse_hT = inner(q_ThD, k_ThD, v_ThD)
-    out_THD = _HeadsToSeq.apply(out_ThD, group, stats)
-    return out_THD, (lse_to_seq(group, lse_hT, stats) if return_lse else None)
+    out_gathered, lse_gathered = inner(q_gathered, k_gathered, v_gathered)
+    out_THD = _HeadsToSeq.apply(out_gathered, group, stats)
+    return out_THD, (lse_to_seq(group, lse_gathered, stats) if return_lse else None)
 
 
-__all__ = ["check_heads", "kv_heads_per_rank", "lse_to_seq", "ulysses_attn_varlen_func"]
+__all__ = ["lse_to_seq", "ulysses_attn_varlen_func"]

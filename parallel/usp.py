@@ -1,8 +1,9 @@
 """Unified sequence parallelism (USP): Ulysses inside, ring across, on the 2-D SP mesh.
 
 Legend: U Ulysses size (consecutive ranks: one node's fast links), R ring size (across
-nodes), T_local = T_R / U tokens on this rank, T_R tokens on this ring rank, Hq / Hkv heads,
-hq = Hq / U, hk = KV heads per rank after the Ulysses exchange, D head dim.
+nodes), P = U R SP size, T_local = T_R / U tokens on this rank, T_R tokens on this ring rank,
+Hq query heads, K KV heads, hq = Hq / U, hk = KV heads per rank after the Ulysses exchange,
+D head dim.
 
     q, k, v (T_local, H, D) --Ulysses all-to-all--> (T_R, H/U, D)      [intra-node]
         --ring attention over R ranks (zigzag P2P or all-gather)--> (T_R, hq, D)  [inter-node]
@@ -21,7 +22,7 @@ import torch.distributed as dist
 
 from kernels.attention import attn_varlen
 from parallel.comm_stats import CommStats
-from parallel.layout import SPMeta
+from parallel.layout import SPMeta, check_method
 from parallel.ring import ring_attn_varlen_func
 from parallel.ring_allgather import ring_allgather_attn_varlen_func
 from parallel.ulysses import ulysses_attn_varlen_func
@@ -44,12 +45,13 @@ def usp_attn_varlen_func(
     """Sequence-parallel attention of one SP rank's tokens (sharded by `shard_packed`).
 
     Args: ulysses_group (U ranks) and ring_group (R ranks) of this rank; q_THD
-    [T_local, Hq, D], k_TKD / v_TKD [T_local, Hkv, D]; meta, this rank's SPMeta; ring_impl
-    zigzag | allgather.
+    [T_local, Hq, D], k_TKD / v_TKD [T_local, K, D]; meta, this rank's SPMeta; ring_impl
+    zigzag | allgather (checked by `parallel.check_method`).
     Returns (out_THD [T_local, Hq, D], lse_HT [Hq, T_local] if return_lse else None);
     differentiable in q, k, v. Collectives per forward: 2 all-to-alls if U > 1, plus R-1 P2P
     exchanges (zigzag) or 1 all-gather (allgather) if R > 1.
     """
+    check_method("usp", ring_impl)  # the one home of the ring_impl rule
     if not isinstance(meta, SPMeta):
         raise TypeError(
             f"sequence-parallel attention needs the SPMeta built by parallel.shard_packed, got "
@@ -68,14 +70,15 @@ def usp_attn_varlen_func(
         )
     device = q_THD.device
 
-    def inner(q_ThD, k_ThD, v_ThD):
-        # Attention over this ring rank's T_R tokens (hq heads) against the whole sequence.
+    def inner(q_gathered, k_gathered, v_gathered):
+        # Attention of this ring rank's T_R tokens ([T_R, hq or hk, D]: what the Ulysses group
+        # gathered) against the whole sequence.
         if R == 1:
             m = meta.gathered_meta(device)
             return attn_varlen(
-                q_ThD,
-                k_ThD,
-                v_ThD,
+                q_gathered,
+                k_gathered,
+                v_gathered,
                 m.cu_seqlens_q,
                 m.cu_seqlens_k,
                 m.max_seqlen_q,
@@ -87,14 +90,12 @@ def usp_attn_varlen_func(
         if ring_impl == "zigzag":
             plans = meta.zigzag_plans(causal, device)
             return ring_attn_varlen_func(
-                ring_group, q_ThD, k_ThD, v_ThD, plans, softmax_scale, backend, stats
+                ring_group, q_gathered, k_gathered, v_gathered, plans, softmax_scale, backend, stats
             )
-        if ring_impl == "allgather":
-            plan = meta.allgather_plan(causal, device)
-            return ring_allgather_attn_varlen_func(
-                ring_group, q_ThD, k_ThD, v_ThD, plan, softmax_scale, backend, stats
-            )
-        raise ValueError(f"ring_impl {ring_impl!r} is not zigzag or allgather")
+        plan = meta.allgather_plan(causal, device)  # allgather: check_method allows no other
+        return ring_allgather_attn_varlen_func(
+            ring_group, q_gathered, k_gathered, v_gathered, plan, softmax_scale, backend, stats
+        )
 
     if U == 1:
         out_THD, lse_HT = inner(q_THD, k_TKD, v_TKD)

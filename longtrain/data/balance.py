@@ -13,8 +13,9 @@ import numpy as np
 
 
 def balanced_assignment(costs: np.ndarray, num_ranks: int) -> list[np.ndarray]:
-    """Split indices 0..n-1 (n divisible by num_ranks) into num_ranks groups of n/num_ranks,
-    balancing the sum of `costs` (float or int [n]). Each group is returned sorted."""
+    """Split indices 0..S-1 (S sequences, divisible by num_ranks) into num_ranks groups of
+    S/num_ranks, balancing the sum of `costs` (float or int [S]). Each group is returned
+    sorted."""
     n = len(costs)
     if n % num_ranks:
         raise ValueError(f"{n} sequences cannot be split evenly over {num_ranks} ranks")

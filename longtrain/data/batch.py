@@ -1,6 +1,7 @@
 """Turn a `Packing` plus a token store into flat training batches.
 
-Legend: T tokens in the batch (sequences x seq_len), B documents (chunks) in the batch.
+Legend: T tokens in the batch (sequences x seq_len), N attention documents in the batch (one
+per chunk, plus one per sequence with padding).
 
 A batch is several packed sequences laid end to end. Each chunk of a document is its own
 attention segment: positions restart at 0, labels never predict across a chunk boundary
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from longtrain.config.schema import LOSS_WEIGHTINGS
 from longtrain.data.packing import Packing
 
 IGNORE_INDEX = -100
@@ -22,15 +24,15 @@ IGNORE_INDEX = -100
 
 @dataclass
 class PackedBatch:
-    """One flat batch. Token-wise tensors are [T]; `cu_seqlens_B1` is int32 [B+1] and covers
+    """One flat batch. Token-wise tensors are [T]; `cu_seqlens` is int32 [N+1] and covers
     padding segments too (they are segments of their own, so nothing attends across them)."""
 
     tokens: torch.Tensor  # int64 [T]
     labels: torch.Tensor  # int64 [T], IGNORE_INDEX where nothing is trained
     position_ids: torch.Tensor  # int64 [T], restarting at every segment
-    cu_seqlens: torch.Tensor  # int32 [B+1]
+    cu_seqlens: torch.Tensor  # int32 [N+1]
     loss_weights: torch.Tensor  # float64 [T], 0 where nothing is trained
-    segment_is_padding: torch.Tensor  # bool [B]
+    segment_is_padding: torch.Tensor  # bool [N]
     num_sequences: int
     num_docs: int  # real (non-padding) segments
     num_padding: int  # padding tokens
@@ -45,15 +47,12 @@ class PackedBatch:
         return int((self.cu_seqlens[1:] - self.cu_seqlens[:-1]).max().item())
 
     def doc_lengths(self) -> np.ndarray:
-        """Lengths of the real segments (int64 [docs])."""
+        """Lengths of the real segments (int64 [num_docs])."""
         lengths = (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).numpy().astype(np.int64)
         return lengths[~self.segment_is_padding.numpy()]
 
     def num_trained(self) -> int:
         return int((self.labels != IGNORE_INDEX).sum().item())
-
-
-LOSS_WEIGHTINGS = ("token", "per_document")
 
 
 def build_batch(
@@ -67,7 +66,7 @@ def build_batch(
     """Assemble the sequences `seq_ids` of `packing` into one flat batch of
     len(seq_ids) x packing.seq_len tokens.
 
-    `tokens` is the store's flat token array, `offsets` its int64 [N+1] document offsets.
+    `tokens` is the store's flat token array, `offsets` its int64 [documents + 1] offsets.
     `loss_weighting`: `token` (every trained token weighs 1) or `per_document` (LongAlign:
     each segment's trained tokens weigh 1/N_i, so every document weighs the same; the trainer
     divides by the global sum of weights, i.e. the number of documents).
@@ -83,11 +82,11 @@ def build_batch(
     seg_is_pad: list[bool] = []
     truncated = 0
     cursor = 0
-    for b in np.asarray(seq_ids, dtype=np.int64):
+    for seq in np.asarray(seq_ids, dtype=np.int64):
         seq_end = cursor + seq_len
-        first, last = packing.seq_offsets[b], packing.seq_offsets[b + 1]
+        first, last = packing.seq_offsets[seq], packing.seq_offsets[seq + 1]
         if packing.lengths[first:last].sum() > seq_len:
-            raise ValueError(f"sequence {b} of the packing holds more than seq_len={seq_len}")
+            raise ValueError(f"sequence {seq} of the packing holds more than seq_len={seq_len}")
         for c in range(first, last):
             doc, start, length = packing.doc_ids[c], packing.starts[c], packing.lengths[c]
             lo = offsets[doc] + start

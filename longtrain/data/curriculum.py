@@ -16,8 +16,8 @@ odds spread every bucket over the whole cycle; growing curricula (large odds for
 spend the short buckets first, so the sequence length grows through each cycle:
 
     uniform       odds 1 : 1 : ... : 1
-    grow_linear   odds K : K-1 : ... : 1      (shortest bucket first; K buckets)
-    grow_p2       odds 2^(K-1) : ... : 2 : 1
+    grow_linear   odds k : k-1 : ... : 1      (shortest bucket first; k buckets)
+    grow_p2       odds 2^(k-1) : ... : 2 : 1
 
 Chunks left over after the last full batch of a bucket are not scheduled.
 """
@@ -40,24 +40,24 @@ def curriculum_odds(curriculum: str | Sequence[float], num_buckets: int) -> np.n
     Args:
         curriculum: one of `CURRICULA`, or explicit odds (one non-negative number per bucket,
             shortest first).
-        num_buckets: K >= 1.
+        num_buckets: >= 1.
     Returns:
-        [K] float64 odds, >= 0, not all zero.
+        [num_buckets] float64 odds, >= 0, not all zero.
     """
     if num_buckets < 1:
         raise ValueError(f"num_buckets must be >= 1, got {num_buckets}")
-    K = num_buckets
+    k = num_buckets
     if isinstance(curriculum, str):
         if curriculum == "uniform":
-            return np.ones(K)
+            return np.ones(k)
         if curriculum == "grow_linear":
-            return np.arange(K, 0, -1, dtype=np.float64)
+            return np.arange(k, 0, -1, dtype=np.float64)
         if curriculum == "grow_p2":
-            return np.exp2(np.arange(K - 1, -1, -1, dtype=np.float64))
+            return np.exp2(np.arange(k - 1, -1, -1, dtype=np.float64))
         raise ValueError(f"curriculum {curriculum!r} is not one of {CURRICULA} or a list of odds")
     odds = np.asarray(curriculum, dtype=np.float64)
-    if odds.shape != (K,):
-        raise ValueError(f"curriculum odds must have one entry per bucket ({K}), got {odds.shape}")
+    if odds.shape != (k,):
+        raise ValueError(f"curriculum odds must have one entry per bucket ({k}), got {odds.shape}")
     if not np.all(np.isfinite(odds)) or np.any(odds < 0):
         raise ValueError(f"curriculum odds must be finite and >= 0, got {odds.tolist()}")
     if not np.any(odds > 0):

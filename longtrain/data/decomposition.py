@@ -6,7 +6,7 @@ binary representation of its length; bucket i collects every chunk of 2^i tokens
 step then draws a whole batch from one bucket (see `longtrain.data.curriculum`), so no sequence
 mixes documents and attention cost follows the real document lengths.
 
-Legend: n documents, M = 2^max_log2 (largest chunk), m = 2^min_log2 (smallest chunk).
+Legend: N documents, M = 2^max_log2 (largest chunk), m = 2^min_log2 (smallest chunk).
 
 Split of a document of l tokens (chunk order inside the document: largest first, so the
 document's first token goes to the largest chunk):
@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from longtrain.data.packing import Packing, as_doc_lengths, ragged_arange
+from longtrain.data.pack_format import Packing, as_doc_lengths, ragged_arange
 
 _I64 = np.int64
 _MAX_LOG2 = 62  # 2^62 still fits int64 with room for sums of two chunks
@@ -45,7 +45,7 @@ class Decomposition:
             has an entry (possibly empty); chunks are ordered by document, then start.
         dropped_tokens: tokens that fell below 2^min_log2 (in no chunk).
         min_log2, max_log2: the bucket range.
-        num_docs: n, the number of documents decomposed.
+        num_docs: N, the number of documents decomposed.
     """
 
     buckets: dict[int, tuple[np.ndarray, np.ndarray]] = field(repr=False)
@@ -105,10 +105,10 @@ def decompose(doc_lengths: Any, min_log2: int, max_log2: int) -> Decomposition:
     """Split every document into power-of-two chunks by the binary digits of its length.
 
     See the module docstring for the exact rule and chunk order. Vectorised: one pass of numpy
-    bit operations per bucket, O(n + chunks) time and memory.
+    bit operations per bucket, O(N + chunks) time and memory.
 
     Args:
-        doc_lengths: [n] non-negative integer tokens per document.
+        doc_lengths: [N] non-negative integer tokens per document.
         min_log2: smallest chunk is 2^min_log2 tokens; shorter leftovers are dropped.
         max_log2: largest chunk is 2^max_log2 tokens; longer documents yield several.
     Returns:

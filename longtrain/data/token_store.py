@@ -122,7 +122,7 @@ class TokenStoreWriter:
         """Append a piece of the open document, cast straight to the store dtype.
 
         Args:
-            ids: 1-D integer array-like [n] of token ids in 0..vocab_size-1.
+            ids: 1-D integer array-like [T] of token ids in 0..vocab_size-1.
         Raises:
             ValueError: a bad piece; the open document is then discarded (nothing of it stays).
         """
@@ -181,7 +181,7 @@ class TokenStoreWriter:
         """Append one whole document (checked before anything is written).
 
         Args:
-            ids: 1-D integer array-like [n] of token ids in 0..vocab_size-1.
+            ids: 1-D integer array-like [T] of token ids in 0..vocab_size-1.
         Returns:
             the document's index in the store, or None if it was empty (skipped, counted).
         """

@@ -1,7 +1,7 @@
 """Tokenizers: a byte-level one with no files, and a wrapper for local Hugging Face tokenizers.
 
 Both expose the same small surface (the `Tokenizer` protocol): `name`, `vocab_size`, `bos_id`,
-`eos_id`, `pad_id`, `encode(text) -> int64 [n]`, `encode_chunks(text pieces, dtype)` (a document
+`eos_id`, `pad_id`, `encode(text) -> int64 [T]`, `encode_chunks(text pieces, dtype)` (a document
 given in pieces, encoded into arrays of the store's dtype: what `prepare` streams through),
 `decode(ids) -> str` and `spec()`, a JSON-able
 dict that identifies the tokenizer (stored in a token store's header and used in its
@@ -73,7 +73,7 @@ class ByteTokenizer:
         Args:
             text: any str.
         Returns:
-            int64 [n], n = number of UTF-8 bytes, each id in 0..255; no BOS/EOS added.
+            int64 [T], T = number of UTF-8 bytes, each id in 0..255; no BOS/EOS added.
         """
         data = text.encode("utf-8", errors="replace")
         return np.frombuffer(data, dtype=np.uint8).astype(np.int64)
@@ -204,7 +204,7 @@ class HFTokenizer:
         Args:
             text: any str.
         Returns:
-            int64 [n], ids in 0..vocab_size-1; no BOS/EOS added.
+            int64 [T], ids in 0..vocab_size-1; no BOS/EOS added.
         """
         return np.asarray(self._ids(text), dtype=np.int64)
 
@@ -225,7 +225,7 @@ class HFTokenizer:
             chunks: the document's text in consecutive pieces.
             dtype: the integer dtype of the output (the token store's; holds vocab_size ids).
         Returns:
-            iterator of one [n] array of `dtype` (none for an empty text).
+            iterator of one [T] array of `dtype` (none for an empty text).
         """
         ids = self._ids("".join(chunks))
         if ids:

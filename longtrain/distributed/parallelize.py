@@ -57,9 +57,7 @@ def describe_layout(cfg: RunConfig, env: DistEnv, dims) -> str:
     )
 
 
-def apply_model_stack(
-    model: nn.Module, dims, cfg: RunConfig, offload_device: str = "cpu"
-) -> None:
+def apply_model_stack(model: nn.Module, dims, cfg: RunConfig, offload_device: str = "cpu") -> None:
     """Steps 1-2 of `parallelize`, in place: sequence parallelism and the memory stack. The
     planner runs exactly this on its fake model (compile changes no saved state; the engine's
     state it models apart).
@@ -103,6 +101,7 @@ def parallelize(model: nn.Module, dims, cfg: RunConfig, env: DistEnv, pad_id: in
     if env.world_size > 1 and cfg.train.engine == "fsdp2":
         apply_fsdp2(model, env, cfg.train.memory.cpu_offload)
     return model, step_context(cfg, env, dims, pad_id)
+
 
 __all__ = [
     "apply_model_stack",

@@ -1,9 +1,8 @@
 """Tests of longtrain.data.decomposition: exact buckets, the binary split rule against a
-per-document oracle, coverage, the Packing view, bad input and scale."""
+per-document oracle, coverage, the Packing view, bad input and lognormal lengths (its speed
+is measured by bench/packing.py, not asserted here)."""
 
 from __future__ import annotations
-
-import time
 
 import numpy as np
 import pytest
@@ -147,14 +146,11 @@ def test_bad_lengths_and_bucket() -> None:
         decompose([4], 0, 3).as_packing(9)
 
 
-def test_one_million_documents() -> None:
-    lens = synthetic_lengths(1_000_000, seed=2)
-    t0 = time.perf_counter()
+def test_lognormal_lengths() -> None:
+    lens = synthetic_lengths(200_000, seed=2)
     d = decompose(lens, 8, 13)
-    elapsed = time.perf_counter() - t0
     assert d.num_tokens + d.dropped_tokens == int(lens.sum())
     # Dropped tokens: at most 255 per document (the bits below 2^8), exactly these bits.
     assert d.dropped_tokens == int((lens & 255).sum())
     # Chunks of 8192 tokens: exactly floor(l / 8192) per document.
     assert d.chunks_per_bucket()[13] == int((lens >> 13).sum())
-    assert elapsed < 5.0, f"decompose took {elapsed:.1f} s"  # ~0.05 s here

@@ -1,9 +1,7 @@
 """Tests of longtrain.data.packing: exact small packings, invariants under hypothesis, an
-independent brute-force best-fit-decreasing oracle, bad input, and scale."""
+independent brute-force best-fit-decreasing oracle, bad input, and lognormal lengths."""
 
 from __future__ import annotations
-
-import time
 
 import numpy as np
 import pytest
@@ -27,19 +25,19 @@ def sequences(p: Packing) -> list[list[tuple[int, int, int]]]:
     ]
 
 
-def brute_force_bfd(lens: list[int], S: int) -> list[list[tuple[int, int, int]]]:
+def brute_force_bfd(lens: list[int], seq_len: int) -> list[list[tuple[int, int, int]]]:
     """Best-fit decreasing by exhaustive search over bins (the rule, stated plainly).
 
-    Heads of S tokens are sequences of their own; each tail or short document, longest first
+    Heads of seq_len tokens are sequences of their own; each tail or short document, longest first
     (ties: lower doc), goes to the bin minimising (room, time the bin last changed) among bins
     with room >= size, else to a new bin.
     """
     heads, items = [], []
     for d, length in enumerate(lens):
-        n_full, rem = divmod(length, S)
-        heads += [[(d, p * S, S)] for p in range(n_full)]
+        n_full, rem = divmod(length, seq_len)
+        heads += [[(d, p * seq_len, seq_len)] for p in range(n_full)]
         if rem:
-            items.append((rem, d, n_full * S))
+            items.append((rem, d, n_full * seq_len))
     items.sort(key=lambda t: (-t[0], t[1]))
     bins: list[list[tuple[int, int, int]]] = []
     room: list[int] = []
@@ -51,7 +49,7 @@ def brute_force_bfd(lens: list[int], S: int) -> list[list[tuple[int, int, int]]]
         else:
             b = len(bins)
             bins.append([])
-            room.append(S)
+            room.append(seq_len)
             changed.append(t)
         bins[b].append((d, start, size))
         room[b] -= size
@@ -62,9 +60,9 @@ def brute_force_bfd(lens: list[int], S: int) -> list[list[tuple[int, int, int]]]
 @st.composite
 def corpus(draw, max_seq_len: int = 40, max_docs: int = 50) -> tuple[list[int], int]:
     """(doc_lengths, seq_len): lengths up to 3 * seq_len, zeros included."""
-    S = draw(st.integers(1, max_seq_len))
-    lens = draw(st.lists(st.integers(0, 3 * S + 1), max_size=max_docs))
-    return lens, S
+    seq_len = draw(st.integers(1, max_seq_len))
+    lens = draw(st.lists(st.integers(0, 3 * seq_len + 1), max_size=max_docs))
+    return lens, seq_len
 
 
 # ---- exact small examples -------------------------------------------------------------------
@@ -129,39 +127,39 @@ def test_empty_inputs() -> None:
 @settings(max_examples=300, deadline=None)
 @given(corpus())
 def test_best_fit_matches_brute_force_oracle(case: tuple[list[int], int]) -> None:
-    lens, S = case
-    assert sequences(best_fit(lens, S)) == brute_force_bfd(lens, S)
+    lens, seq_len = case
+    assert sequences(best_fit(lens, seq_len)) == brute_force_bfd(lens, seq_len)
 
 
 @settings(max_examples=200, deadline=None)
 @given(corpus())
 def test_best_fit_invariants(case: tuple[list[int], int]) -> None:
-    lens, S = case
-    p = best_fit(lens, S)
-    p.validate(lens)  # every token exactly once, no sequence above S, chunks inside docs
+    lens, seq_len = case
+    p = best_fit(lens, seq_len)
+    p.validate(lens)  # every token exactly once, no sequence above seq_len, chunks inside docs
     for name in ("doc_ids", "starts", "lengths", "seq_offsets"):
         assert getattr(p, name).dtype == I64
     arr = np.array(lens, dtype=I64)
-    # Truncation rule: a document of l tokens is held by exactly ceil(l / S) chunks.
+    # Truncation rule: a document of l tokens is held by exactly ceil(l / seq_len) chunks.
     chunks_per_doc = np.bincount(p.doc_ids, minlength=arr.size)
-    assert chunks_per_doc.tolist() == (-(-arr // S)).tolist()
-    assert p.num_truncations == int(np.maximum(-(-arr // S) - 1, 0).sum())
-    assert np.all(p.seq_lengths() <= S) and np.all(p.seq_lengths() >= 1)
+    assert chunks_per_doc.tolist() == (-(-arr // seq_len)).tolist()
+    assert p.num_truncations == int(np.maximum(-(-arr // seq_len) - 1, 0).sum())
+    assert np.all(p.seq_lengths() <= seq_len) and np.all(p.seq_lengths() >= 1)
     # Determinism.
-    q = best_fit(np.array(lens, dtype=np.int32), S)
+    q = best_fit(np.array(lens, dtype=np.int32), seq_len)
     assert sequences(q) == sequences(p)
 
 
 @settings(max_examples=200, deadline=None)
 @given(corpus())
 def test_concat_chunk_invariants(case: tuple[list[int], int]) -> None:
-    lens, S = case
-    p = concat_chunk(lens, S)
+    lens, seq_len = case
+    p = concat_chunk(lens, seq_len)
     p.validate(lens)
     total = sum(lens)
-    assert p.num_sequences == -(-total // S)
+    assert p.num_sequences == -(-total // seq_len)
     sl = p.seq_lengths()
-    assert np.all(sl[:-1] == S)  # every sequence but the last is full
+    assert np.all(sl[:-1] == seq_len)  # every sequence but the last is full
     # Reading the sequences back to back gives the documents in order.
     flat = [(d, t) for seq in sequences(p) for d, s, n in seq for t in range(s, s + n)]
     assert flat == [(d, t) for d, n in enumerate(lens) for t in range(n)]
@@ -179,10 +177,10 @@ def test_bench_reference_equals_best_fit() -> None:
     # The benchmark's pure-Python reference must pack exactly as best_fit, else its speed
     # comparison means nothing. Heavy-tailed lengths at a small seq_len exercise long docs.
     lens = synthetic_lengths(3000, seed=1)
-    for S in (512, 4096):
-        ref, fast = reference_best_fit(lens.tolist(), S), best_fit(lens, S)
+    for seq_len in (512, 4096):
+        ref, fast = reference_best_fit(lens.tolist(), seq_len), best_fit(lens, seq_len)
         for name in ("doc_ids", "starts", "lengths", "seq_offsets"):
-            assert np.array_equal(getattr(ref, name), getattr(fast, name)), (S, name)
+            assert np.array_equal(getattr(ref, name), getattr(fast, name)), (seq_len, name)
 
 
 # ---- validation and errors ------------------------------------------------------------------
@@ -250,33 +248,18 @@ def test_validate_catches_each_breach() -> None:
         Packing(p.doc_ids.astype(np.int32), p.starts, p.lengths, p.seq_offsets, 8)
 
 
-# ---- scale ----------------------------------------------------------------------------------
+# ---- lognormal lengths --------------------------------------------------------------------
+# Speed targets (1M documents well under 5 s, 10M under 10 s) are measured by bench/packing.py,
+# not asserted here: a test asserts results, never wall-clock time.
 
 
-def _check_scale(num_docs: int, budget_s: float) -> None:
-    lens = synthetic_lengths(num_docs, seed=0)
-    S = 8192
-    t0 = time.perf_counter()
-    p = best_fit(lens, S)
-    elapsed = time.perf_counter() - t0
-    bound = -(-int(lens.sum()) // S)
-    # Quality target: within 0.01% of the ceil(tokens / S) lower bound on lognormal lengths.
+def test_lognormal_lengths_pack_near_the_lower_bound() -> None:
+    lens = synthetic_lengths(200_000, seed=0)
+    seq_len = 8192
+    bound = -(-int(lens.sum()) // seq_len)
+    p = best_fit(lens, seq_len)
+    # Quality target: within 0.01% of the ceil(tokens / seq_len) lower bound.
     assert p.num_sequences <= bound + bound // 10_000, (p.num_sequences, bound)
-    assert p.num_truncations == int(np.maximum(-(-lens // S) - 1, 0).sum())
-    assert int(p.seq_lengths().max()) <= S and p.num_tokens == int(lens.sum())
-    assert elapsed < budget_s, f"best_fit took {elapsed:.1f} s on {num_docs:,} documents"
-
-
-def test_best_fit_1m_documents() -> None:
-    # ~0.3 s here; the budget leaves room for a loaded 2-core machine.
-    _check_scale(1_000_000, budget_s=5.0)
-
-
-@pytest.mark.slow
-def test_best_fit_10m_documents_under_10s() -> None:
-    _check_scale(10_000_000, budget_s=10.0)
-    lens = synthetic_lengths(10_000_000, seed=0)
-    t0 = time.perf_counter()
-    p = concat_chunk(lens, 8192)
-    assert time.perf_counter() - t0 < 10.0
-    assert p.num_sequences == -(-int(lens.sum()) // 8192)
+    assert p.num_truncations == int(np.maximum(-(-lens // seq_len) - 1, 0).sum())
+    assert int(p.seq_lengths().max()) <= seq_len and p.num_tokens == int(lens.sum())
+    assert concat_chunk(lens, seq_len).num_sequences == bound

@@ -1,7 +1,8 @@
 """Shared pieces of the distributed SP tests: a packed float64 batch, its single-process
 reference, and one SP run of it. Runs inside `tests.spawn.spawn` workers.
 
-Legend: T tokens of the batch, Hq / Hkv heads, D head dim, U Ulysses and R ring degrees.
+Legend: T tokens of the batch, Hq query heads, K KV heads, D head dim, U Ulysses and R ring
+degrees.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 
 from kernels.attention import attn_varlen
 from parallel import CommStats, ParallelDims, shard_packed, usp_attn_varlen_func, usp_cost
+from tests.helpers import cu_seqlens
 
 # Odd lengths on purpose; the 30-token document is longer than a whole shard at P = 4
 # (61 / 4 ~ 15 tokens) and than a ring rank's share at P = 2; the 1-token document is
@@ -34,7 +36,7 @@ def make_batch(num_heads: int, num_kv_heads: int, seed: int = 0):
     """(cu_seqlens, q, k, v, dout), identical on every rank (seeded generator)."""
     g = torch.Generator().manual_seed(seed)
     T = sum(DOC_LENGTHS)
-    cu = torch.tensor([0, *torch.cumsum(torch.tensor(DOC_LENGTHS), 0).tolist()], dtype=torch.int32)
+    cu = cu_seqlens(DOC_LENGTHS)
 
     def rand(*shape):
         return torch.randn(*shape, generator=g, dtype=torch.float64)

@@ -19,6 +19,7 @@ from kernels.attention import VarlenAttention, VarlenMeta
 from longtrain.config import ModelConfig
 from longtrain.model import build_model
 from parallel import ParallelDims, SPAttention
+from tests.helpers import cu_seqlens
 from tests.parallel.sp_cases import DOC_LENGTHS, Config
 from tests.spawn import spawn
 
@@ -48,7 +49,7 @@ def _batch():
     g = torch.Generator().manual_seed(1)
     T = sum(DOC_LENGTHS)
     tokens = torch.randint(0, 64, (T,), generator=g)
-    cu = torch.tensor([0, *torch.cumsum(torch.tensor(DOC_LENGTHS), 0).tolist()], dtype=torch.int32)
+    cu = cu_seqlens(DOC_LENGTHS)
     position_ids = torch.cat([torch.arange(n) for n in DOC_LENGTHS])
     labels = torch.cat(
         [torch.cat([tokens[a + 1 : b], torch.tensor([-100])]) for a, b in zip(cu[:-1], cu[1:])]

@@ -111,7 +111,7 @@ def test_formulas():
     ring = ring_cost(200, 1, 64, 2, torch.float32, "zigzag")
     assert u.fwd_bytes == uly.fwd_bytes + ring.fwd_bytes
     assert u.fwd_calls == {"all_to_all": 2, "p2p": 1}
-    with pytest.raises(ValueError, match="unknown ring_impl"):
+    with pytest.raises(ValueError, match="ring_impl='tree'; expected one of zigzag, allgather"):
         ring_cost(1, 1, 1, 2, torch.float32, "tree")
     with pytest.raises(ValueError, match="unknown collective kind"):
         CommStats().record("broadcast", 1, 1)

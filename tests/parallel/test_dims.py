@@ -4,9 +4,11 @@ puts each Ulysses group on consecutive ranks."""
 from __future__ import annotations
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from parallel import ParallelDims, valid_ulysses_degrees
+from parallel.dims import check_qkv, kv_heads_per_rank
 from tests.spawn import spawn
 
 
@@ -44,6 +46,18 @@ def test_heads_rules_list_the_valid_degrees():
     assert valid_ulysses_degrees(12, 3) == [1, 3, 6, 12]
     ParallelDims(4, ulysses=4).validate(8, 2)  # KV heads replicated twice: allowed
     ParallelDims(8, ring=8).validate(6, 1)  # ring alone has no head rule
+
+
+def test_kv_heads_per_rank_and_qkv_shapes():
+    # 8 KV heads over 4 Ulysses ranks split (2 each); 2 KV heads over 4 are replicated (1 each).
+    assert kv_heads_per_rank(8, 4) == 2 and kv_heads_per_rank(2, 4) == 1
+    q, k = torch.zeros(4, 2, 8), torch.zeros(3, 1, 8)
+    with pytest.raises(
+        ValueError,
+        match=r"ring attention needs q \[T, Hq, D\] and k, v \[T, K, D\] with the same T, got "
+        r"\(4, 2, 8\), \(3, 1, 8\), \(3, 1, 8\)",
+    ):
+        check_qkv("ring attention", q, k, k)
 
 
 def test_sequence_length_rules():

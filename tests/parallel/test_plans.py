@@ -14,15 +14,12 @@ from hypothesis import strategies as st
 from kernels.attention import attn_varlen_fwd, merge_attn_partials
 from parallel import SPLayout
 from parallel.plans import allgather_plan, zigzag_plans
-
-
-def _cu(lengths):
-    return torch.tensor([0, *torch.cumsum(torch.tensor(lengths), 0).tolist()])
+from tests.helpers import cu_seqlens
 
 
 def test_zigzag_plans_one_document_of_8_over_2():
     # Rank 0 holds tokens [0, 1, 6, 7], rank 1 holds [2, 3, 4, 5].
-    layout = SPLayout(_cu([8]), 8, ring=2, ulysses=1)
+    layout = SPLayout(cu_seqlens([8]), 8, ring=2, ulysses=1)
     own, other = zigzag_plans(layout, 0, causal=True)
     assert own.q_index is None and own.k_index is None and own.causal
     assert own.cu_seqlens_q.tolist() == [0, 4] and own.cu_seqlens_k.tolist() == [0, 4]
@@ -38,7 +35,7 @@ def test_zigzag_plans_one_document_of_8_over_2():
 def test_zigzag_steps_do_equal_work_on_a_long_document():
     # (query, key) pairs per step, causal: after the own block (the same on every rank), every
     # step is two full chunk pairs (2 c^2) on every rank: the zigzag balance.
-    layout = SPLayout(_cu([64]), 64, ring=4, ulysses=1)
+    layout = SPLayout(cu_seqlens([64]), 64, ring=4, ulysses=1)
     c = 8
     for r in range(4):
         plans = zigzag_plans(layout, r, causal=True)
@@ -58,7 +55,7 @@ def test_allgather_plan_picks_prefixes():
     # One document of 8 over 2: rank 1 holds tokens 2, 3 (front) and 4, 5 (back). Causal: the
     # front chunk sees tokens 0..3, the back chunk 0..5, as rows of the gathered buffer
     # [rank 0: 0, 1, 6, 7 | rank 1: 2, 3, 4, 5].
-    layout = SPLayout(_cu([8]), 8, ring=2, ulysses=1)
+    layout = SPLayout(cu_seqlens([8]), 8, ring=2, ulysses=1)
     plan = allgather_plan(layout, 1, causal=True)
     assert plan.q_index is None
     assert plan.cu_seqlens_q.tolist() == [0, 2, 4] and plan.cu_seqlens_k.tolist() == [0, 4, 10]
@@ -70,7 +67,7 @@ def _simulate(lengths, ring, ulysses, causal, impl, hq=2, hkv=1, d=4):
     g = torch.Generator().manual_seed(len(lengths) * 100 + ring)
     total = sum(lengths)
     q, k, v = (torch.randn(total, h, d, generator=g, dtype=torch.float64) for h in (hq, hkv, hkv))
-    cu = _cu(lengths)
+    cu = cu_seqlens(lengths)
     longest = max(lengths)
     ref_out, ref_lse = attn_varlen_fwd(q, k, v, cu, cu, longest, longest, causal, None, "torch")
     layout = SPLayout(cu, total, ring, ulysses)

@@ -13,9 +13,10 @@ mismatch (a wrong mask or a lost block gives errors of order 1e-2 and above).
 from __future__ import annotations
 
 import pytest
+import torch
 import torch.distributed as dist
 
-from parallel import ParallelDims
+from parallel import ParallelDims, ulysses_attn_varlen_func
 from tests.parallel.sp_cases import Config, run_sp_case
 from tests.spawn import spawn
 
@@ -41,12 +42,25 @@ LAYOUTS = {  # world size -> [(name, config)]
 }
 
 
+def _impossible_heads(group) -> str:
+    """A direct call of ulysses_attn_varlen_func with 3 query heads over the group: the error
+    (raised on every rank before any collective, so no rank waits on another)."""
+    q, kv = torch.zeros(4, 3, 2), torch.zeros(4, 1, 2)
+    try:
+        ulysses_attn_varlen_func(group, q, kv, kv, inner=None)
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
 def _worker(rank: int, world_size: int) -> dict:
     results = {}
     for name, cfg in LAYOUTS[world_size]:
         dp = 2 if name.startswith("dp2") else None
         dims = ParallelDims(world_size, ulysses=cfg.ulysses, ring=cfg.ring, dp=dp)
         dims.build_mesh("cpu")
+        if name.startswith("ulysses"):
+            results["impossible_heads"] = _impossible_heads(dims.ulysses_group)
         for hq, hkv in GQA:
             dims.validate(hq, hkv)
             for causal in (True, False):
@@ -59,7 +73,12 @@ def _worker(rank: int, world_size: int) -> dict:
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_sp_attention_equals_one_process(world_size):
     per_rank = spawn(_worker, world_size, timeout=300)
+    u = world_size  # the "ulysses<world size>" layout made the call
     for rank, results in enumerate(per_rank):
+        # The direct caller gets the rule of ParallelDims.validate, with the valid degrees.
+        assert results.pop("impossible_heads") == (
+            f"ulysses={u} needs query heads (3) divisible by {u}; valid degrees: 1, 3"
+        )
         assert len(results) == len(LAYOUTS[world_size]) * len(GQA) * 2
         for case, r in results.items():
             where = f"rank {rank} {case}"
