@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from longtrain.config import PlanConfig, register_configs, to_run_config
+from longtrain.config import PlanConfig, precheck_overrides, register_configs, to_run_config
 from longtrain.errors import LongtrainError, report_errors
 from longtrain.planner.search import PlanError, budget_bytes, find_max_seq_len
 from longtrain.planner.simulate import GIB, Planner, StepMemory
@@ -131,6 +132,7 @@ def _main(dcfg: DictConfig) -> None:
 def main() -> None:
     """The command: register the schema with Hydra, then let Hydra parse the overrides."""
     register_configs()
+    precheck_overrides("plan", sys.argv[1:])
     _main()
 
 

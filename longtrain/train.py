@@ -7,6 +7,7 @@ A bad value, path or checkpoint, a non-finite loss and Ctrl-C end in one line on
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,7 +15,13 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from longtrain.config import RunConfig, compose_config, register_configs, to_run_config
+from longtrain.config import (
+    RunConfig,
+    compose_config,
+    precheck_overrides,
+    register_configs,
+    to_run_config,
+)
 from longtrain.distributed import init_distributed, shutdown
 from longtrain.errors import report_errors
 from longtrain.trainer import loop
@@ -49,6 +56,7 @@ def _main(dcfg: DictConfig) -> None:
 def main() -> None:
     """The command: register the schema with Hydra, then let Hydra parse the overrides."""
     register_configs()
+    precheck_overrides("longtrain.train", sys.argv[1:])
     _main()
 
 

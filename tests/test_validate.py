@@ -3,6 +3,10 @@ longtrain/config/schema.py `to_run_config`); each case here used to be accepted 
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from longtrain.config.rules import validate_run_config
@@ -44,3 +48,19 @@ def test_clipping_turns_off_with_zero_or_null(off):
 
 def test_the_default_config_is_valid():
     validate_run_config(load_config([]), world_size=1)
+
+
+def test_the_command_says_a_misspelled_key_in_one_line(tmp_path):
+    """Hydra alone would print seven lines and suggest `+train.fooo=1`, which is refused."""
+    done = subprocess.run(
+        [sys.executable, "-m", "longtrain.train", "train.fooo=1", f"hydra.run.dir={tmp_path}"],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        "longtrain.train: error: Could not override 'train.fooo': Key 'fooo' not in "
+        "'TrainConfig' (`python -m longtrain.train --cfg job` prints every key)"
+    ]

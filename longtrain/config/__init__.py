@@ -9,7 +9,12 @@
 points call it at start-up (nothing registers as a side effect of an import).
 """
 
-from longtrain.config.load import compose_config, register_configs, to_run_config
+from longtrain.config.load import (
+    compose_config,
+    precheck_overrides,
+    register_configs,
+    to_run_config,
+)
 from longtrain.config.schema import (
     EMBEDDED_STORE_DIR,
     DataConfig,
@@ -41,6 +46,7 @@ __all__ = [
     "TrainConfig",
     "WandbConfig",
     "compose_config",
+    "precheck_overrides",
     "register_configs",
     "to_run_config",
 ]

@@ -21,7 +21,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from longtrain.config.hf import register_hf_config_resolver
 from longtrain.config.schema import RunConfig
-from longtrain.errors import ConfigError
+from longtrain.errors import ConfigError, report_errors
 
 # The tree `@hydra.main(config_path="../configs")` of the entry points reads.
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -95,4 +95,21 @@ def compose_config(overrides: list[str] | None = None) -> RunConfig:
         raise ConfigError(_hydra_message(err)) from err
 
 
-__all__ = ["CONFIG_DIR", "compose_config", "register_configs", "to_run_config"]
+def precheck_overrides(prog: str, argv: list[str]) -> None:
+    """Compose a command line's overrides before `@hydra.main` does, so that a mistake is one
+    line and exit status 2 (Hydra's own report takes seven and suggests `+key=`, which the
+    schema refuses). Command lines with Hydra's flags (`--cfg`, `-m`, ...) are left to Hydra,
+    and `hydra.*` overrides are Hydra's business."""
+    if any(arg.startswith("-") for arg in argv):
+        return
+    overrides = [a for a in argv if not a.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    report_errors(prog, lambda: compose_config(overrides))
+
+
+__all__ = [
+    "CONFIG_DIR",
+    "compose_config",
+    "precheck_overrides",
+    "register_configs",
+    "to_run_config",
+]
