@@ -5,8 +5,11 @@ machine without it; the kernel modules themselves import triton and are imported
 
 `TRITON_INTERPRET=1` (read by Triton itself when it is imported) runs kernels on CPU tensors
 through numpy. We read it only to decide two things that Triton cannot decide for us:
-whether CPU tensors are acceptable, and whether `@triton.autotune` may be used (it needs a
-GPU driver and fails in the interpreter).
+whether CPU tensors are acceptable when a kernel really runs, and whether `@triton.autotune`
+may be used (it needs a GPU driver and fails in the interpreter). Nothing reads it while
+compiling: under `torch.compiler.is_compiling()` the public functions go straight to their
+custom ops, whose fake implementations take tensors of any device (the planner's fake CPU
+tensors stand for CUDA ones), and the device check runs inside the real implementation.
 """
 
 from __future__ import annotations
@@ -34,7 +37,10 @@ def is_interpreting() -> bool:
 
 def check_triton_tensors(name: str, *tensors: torch.Tensor) -> None:
     """Raise ValueError unless Triton can run on `tensors`: importable, and CUDA tensors
-    (or CPU tensors under the interpreter), all on one device."""
+    (or CPU tensors under the interpreter), all on one device.
+
+    Call it inside a custom op's real implementation, just before the launch: that runs only
+    on real tensors (eagerly, or as the compiled graph executes), never on fake ones."""
     if not triton_available():
         raise ValueError(f"{name}: the triton backend needs the `triton` package")
     devices = {t.device for t in tensors}

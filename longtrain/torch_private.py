@@ -6,9 +6,6 @@ place, so that a torch upgrade touches this file only.
 - the "fake" process-group backend with `FakeStore`
   (torch.testing._internal.distributed.fake_pg): collectives that return at once, at any
   world size, in one process.
-- `TRITON_INTERPRET=1` while simulating a CUDA plan: our Triton kernels accept CPU tensors
-  only under Triton's interpreter; the planner's fake CPU tensors stand for CUDA ones, and
-  no kernel runs (custom ops take their fake implementations).
 - `torch.compiler._is_compiling_flag`: our kernels run their custom ops (with fake
   implementations) when `torch.compiler.is_compiling()`; the planner raises the flag so that
   fake tensors take that path instead of the eager one (whose checks read tensor values).
@@ -25,7 +22,6 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = [
-    "gpu_kernel_paths",
     "FakeTensorMode",
     "TorchDispatchMode",
     "fake_mode",
@@ -74,19 +70,3 @@ def kernels_compile_path() -> Iterator[None]:
         yield
     finally:
         torch.compiler._is_compiling_flag = previous
-
-
-@contextlib.contextmanager
-def gpu_kernel_paths() -> Iterator[None]:
-    """Let fake CPU tensors take our Triton kernels' (custom-op) paths, as CUDA tensors do."""
-    import os
-
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = previous

@@ -18,15 +18,11 @@ from __future__ import annotations
 import torch
 
 from kernels.attention import attn_varlen_bwd, attn_varlen_fwd, merge_attn_partials
+from kernels.precision import acc_dtype
 from parallel.comm import RingComm
 from parallel.comm_stats import CommStats
 from parallel.dims import check_qkv
 from parallel.plans import BlockPlan
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulators (and the lse): float64 for float64 inputs, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def rows(x: torch.Tensor, index: torch.Tensor | None, dim: int = 0) -> torch.Tensor:
@@ -237,4 +233,4 @@ def ring_attn_varlen_func(
     )
 
 
-__all__ = ["PartialMerger", "acc_dtype", "block_bwd", "block_fwd", "ring_attn_varlen_func"]
+__all__ = ["PartialMerger", "block_bwd", "block_fwd", "ring_attn_varlen_func"]

@@ -17,11 +17,12 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from kernels.precision import acc_dtype
 from parallel.comm import all_gather, reduce_scatter
 from parallel.comm_stats import CommStats
 from parallel.dims import check_qkv
 from parallel.plans import BlockPlan
-from parallel.ring import PartialMerger, acc_dtype, block_bwd, block_fwd
+from parallel.ring import PartialMerger, block_bwd, block_fwd
 
 
 def _gather_kv(group, k_TKD, v_TKD, stats) -> tuple[torch.Tensor, torch.Tensor]:

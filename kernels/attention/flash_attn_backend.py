@@ -1,7 +1,7 @@
 """The `flash_attn` backend of `attn_varlen`: an adapter over flash-attn 2's varlen kernels.
 
-Legend: T query tokens (documents packed), S key tokens, H query heads, K key/value heads
-(H % K == 0; flash-attn takes GQA natively), D head dim, B documents.
+Legend (kernels/__init__.py): T tokens (Tq queries, Tk keys; documents packed), N documents,
+Hq query heads, K key/value heads (Hq % K == 0; flash-attn takes GQA natively), D head dim.
 
 GPU only (CUDA tensors, float16 / bfloat16, D <= 256). It calls flash-attn's varlen forward
 and backward functions (`_flash_attn_varlen_forward` / `_flash_attn_varlen_backward`, the
@@ -11,7 +11,7 @@ Their keyword names changed in flash-attn 2.7 (window_size -> window_size_left/r
 arguments are passed by name, filtered to what the installed version accepts.
 
 Conversions to our contract:
-- lse: flash-attn >= 2.4 returns the varlen lse as [H, T] float32, our layout already.
+- lse: flash-attn >= 2.4 returns the varlen lse as [Hq, Tq] float32, our layout already.
 - A query that sees no key (Lq > Lk under causal, or Lk = 0): flash-attn writes lse +inf
   (its marker that makes p = exp(s - lse) vanish in the backward) and out 0; we return lse
   -inf and out 0, and hand +inf back to its backward.
@@ -25,9 +25,12 @@ import math
 import torch
 import torch.nn.functional as F
 
+from kernels.attention.args import check_attn_args, default_softmax_scale
+
 __all__ = ["flash_attn_bwd", "flash_attn_fwd"]
 
 _DTYPES = (torch.float16, torch.bfloat16)
+_MAX_HEAD_DIM = 256
 
 
 def _interface():
@@ -55,13 +58,9 @@ def _call(fn, *args, **kwargs):
 _NO_WINDOW = dict(window_size_left=-1, window_size_right=-1)
 
 
-def _check(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    if not (q.is_cuda and k.is_cuda and v.is_cuda):
-        raise ValueError(f"{name}: flash-attn needs CUDA tensors, got {q.device}")
-    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"{name}: flash-attn takes float16 or bfloat16, got {q.dtype}")
-    if q.shape[-1] > 256:
-        raise ValueError(f"{name}: flash-attn supports head dim <= 256, got {q.shape[-1]}")
+def _check_cuda(name: str, *tensors: torch.Tensor) -> None:
+    if not all(t.is_cuda for t in tensors):
+        raise ValueError(f"{name}: flash-attn needs CUDA tensors, got {tensors[0].device}")
 
 
 def _pad(x: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -70,14 +69,10 @@ def _pad(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _scale(softmax_scale: float | None, head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
-
-
 def flash_attn_fwd(
     q_THD: torch.Tensor,
-    k_SKD: torch.Tensor,
-    v_SKD: torch.Tensor,
+    k_TKD: torch.Tensor,
+    v_TKD: torch.Tensor,
     cu_seqlens_q: torch.Tensor,
     cu_seqlens_k: torch.Tensor,
     max_seqlen_q: int,
@@ -87,26 +82,31 @@ def flash_attn_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Varlen attention forward on flash-attn (no autograd).
 
-    q_THD [T, H, D], k_SKD / v_SKD [S, K, D]; cu_seqlens_* [B + 1] int; causal aligned
-    bottom-right (flash-attn >= 2.1). Returns (out_THD [T, H, D] in q's dtype, lse_HT [H, T]
-    float32; a query that sees no key has out 0 and lse -inf).
+    q_THD [Tq, Hq, D], k_TKD / v_TKD [Tk, K, D] (float16 / bfloat16, D <= 256, CUDA);
+    cu_seqlens_* [N + 1] int; causal aligned bottom-right (flash-attn >= 2.1).
+    Returns (out_THD [Tq, Hq, D] in q's dtype, lse_HT [Hq, Tq] float32; a query that sees no
+    key has out 0 and lse -inf).
     """
-    _check("flash_attn_fwd", q_THD, k_SKD, v_SKD)
+    check_attn_args(
+        "flash_attn_fwd", q_THD, k_TKD, v_TKD, cu_seqlens_q, cu_seqlens_k, dtypes=_DTYPES,
+        max_head_dim=_MAX_HEAD_DIM,
+    )  # fmt: skip
+    _check_cuda("flash_attn_fwd", q_THD, k_TKD, v_TKD)
     fa = _interface()
     D = q_THD.shape[-1]
     res = _call(
         fa._flash_attn_varlen_forward,
-        _pad(q_THD, D), _pad(k_SKD, D), _pad(v_SKD, D),
+        _pad(q_THD, D), _pad(k_TKD, D), _pad(v_TKD, D),
         cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32),
         int(max_seqlen_q), int(max_seqlen_k),
-        dropout_p=0.0, softmax_scale=_scale(softmax_scale, D), causal=bool(causal),
+        dropout_p=0.0, softmax_scale=default_softmax_scale(D, softmax_scale), causal=bool(causal),
         softcap=0.0, alibi_slopes=None, return_softmax=False, **_NO_WINDOW,
     )  # fmt: skip
     # flash-attn >= 2.7: (out, lse, S_dmask, rng_state); 2.6: (out, q, k, v, out_padded, lse, ...)
     out_pad, lse_HT = (res[0], res[1]) if len(res) == 4 else (res[0], res[5])
     if lse_HT.dim() != 2:
         raise RuntimeError(
-            f"flash_attn_fwd: expected the varlen lse as [H, T] (flash-attn >= 2.4), got "
+            f"flash_attn_fwd: expected the varlen lse as [Hq, Tq] (flash-attn >= 2.4), got "
             f"{tuple(lse_HT.shape)}"
         )
     unseen_HT = ~torch.isfinite(lse_HT)  # +inf: the row saw no key
@@ -118,8 +118,8 @@ def flash_attn_fwd(
 def flash_attn_bwd(
     dout_THD: torch.Tensor,
     q_THD: torch.Tensor,
-    k_SKD: torch.Tensor,
-    v_SKD: torch.Tensor,
+    k_TKD: torch.Tensor,
+    v_TKD: torch.Tensor,
     out_THD: torch.Tensor,
     lse_HT: torch.Tensor,
     cu_seqlens_q: torch.Tensor,
@@ -131,13 +131,17 @@ def flash_attn_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Varlen attention backward on flash-attn (no autograd), from the forward's (out, lse).
 
-    Shapes as `flash_attn_fwd`; dout_THD / out_THD [T, H, D], lse_HT [H, T] (ours: -inf for
-    a row that saw no key). Returns (dq [T, H, D], dk [S, K, D], dv [S, K, D]).
+    Shapes as `flash_attn_fwd`; dout_THD / out_THD [Tq, Hq, D], lse_HT [Hq, Tq] (ours: -inf for
+    a row that saw no key). Returns (dq [Tq, Hq, D], dk [Tk, K, D], dv [Tk, K, D]).
     """
-    _check("flash_attn_bwd", q_THD, k_SKD, v_SKD)
+    check_attn_args(
+        "flash_attn_bwd", q_THD, k_TKD, v_TKD, cu_seqlens_q, cu_seqlens_k, dtypes=_DTYPES,
+        max_head_dim=_MAX_HEAD_DIM, dout_THD=dout_THD, out_THD=out_THD, lse_HT=lse_HT,
+    )  # fmt: skip
+    _check_cuda("flash_attn_bwd", q_THD, k_TKD, v_TKD)
     fa = _interface()
     D = q_THD.shape[-1]
-    q, k, v = (_pad(x, D) for x in (q_THD, k_SKD, v_SKD))
+    q, k, v = (_pad(x, D) for x in (q_THD, k_TKD, v_TKD))
     dout, out = _pad(dout_THD.to(q_THD.dtype), D), _pad(out_THD, D)
     lse_fa = lse_HT.float().masked_fill(lse_HT == -math.inf, math.inf).contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -146,7 +150,7 @@ def flash_attn_bwd(
         dout, q, k, v, out, lse_fa, dq, dk, dv,
         cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32),
         int(max_seqlen_q), int(max_seqlen_k),
-        dropout_p=0.0, softmax_scale=_scale(softmax_scale, D), causal=bool(causal),
+        dropout_p=0.0, softmax_scale=default_softmax_scale(D, softmax_scale), causal=bool(causal),
         softcap=0.0, alibi_slopes=None, deterministic=False, rng_state=None, **_NO_WINDOW,
     )  # fmt: skip
     return dq[..., :D], dk[..., :D], dv[..., :D]

@@ -1,6 +1,6 @@
 """Merge two partial attention results computed over disjoint key sets, by log-sum-exp.
 
-Legend: T query tokens, H query heads, D head dim.
+Legend (kernels/__init__.py): T query tokens, Hq query heads (H in names), D head dim.
 
 With partials (out_a, lse_a) over keys A and (out_b, lse_b) over keys B, attention over A u B is
     lse = log(exp(lse_a) + exp(lse_b)),  out = exp(lse_a - lse) * out_a + exp(lse_b - lse) * out_b.
@@ -9,6 +9,8 @@ lse -inf, and the gradients stay finite (0). Differentiable by autograd in all f
 """
 
 import torch
+
+from kernels.precision import acc_dtype
 
 
 def merge_attn_partials(
@@ -19,24 +21,23 @@ def merge_attn_partials(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge two partials over disjoint key sets.
 
-    Args: out_a_THD / out_b_THD [T, H, D] (any float dtype, both the same), lse_a_HT /
-    lse_b_HT [H, T] natural-log log-sum-exp (-inf where a row saw no key).
-    Returns (out_THD [T, H, D] in the outputs' dtype, lse_HT [H, T]); the arithmetic runs in
+    Args: out_a_THD / out_b_THD [T, Hq, D] (any float dtype, both the same), lse_a_HT /
+    lse_b_HT [Hq, T] natural-log log-sum-exp (-inf where a row saw no key).
+    Returns (out_THD [T, Hq, D] in the outputs' dtype, lse_HT [Hq, T]); the arithmetic runs in
     float32, or float64 when either input is float64; lse is float32 (float64 likewise).
     """
     if out_a_THD.shape != out_b_THD.shape or out_a_THD.dim() != 3:
         raise ValueError(
-            f"merge_attn_partials: outputs must both be [T, H, D], got "
+            f"merge_attn_partials: outputs must both be [T, Hq, D], got "
             f"{tuple(out_a_THD.shape)} and {tuple(out_b_THD.shape)}"
         )
-    T, H, _ = out_a_THD.shape
-    if lse_a_HT.shape != (H, T) or lse_b_HT.shape != (H, T):
+    T, Hq, _ = out_a_THD.shape
+    if lse_a_HT.shape != (Hq, T) or lse_b_HT.shape != (Hq, T):
         raise ValueError(
-            f"merge_attn_partials: lse must be [H, T] = {(H, T)}, got "
+            f"merge_attn_partials: lse must be [Hq, T] = {(Hq, T)}, got "
             f"{tuple(lse_a_HT.shape)} and {tuple(lse_b_HT.shape)}"
         )
-    wide = (out_a_THD, lse_a_HT, out_b_THD, lse_b_HT)
-    compute = torch.float64 if any(x.dtype == torch.float64 for x in wide) else torch.float32
+    compute = acc_dtype(out_a_THD.dtype, lse_a_HT.dtype, out_b_THD.dtype, lse_b_HT.dtype)
     lse_a, lse_b = lse_a_HT.to(compute), lse_b_HT.to(compute)
     lse_max = torch.maximum(lse_a, lse_b)
     # Shift by a finite max, so exp(-inf - shift) is 0 and never exp(-inf + inf) = NaN.

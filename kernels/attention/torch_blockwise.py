@@ -1,7 +1,9 @@
 """The `torch` attention backend: variable-length causal/full attention with LSE, no autograd.
 
-Legend: T query tokens (documents packed), S key tokens, H query heads, K key/value heads,
-G = H / K, D head dim, B documents, N documents batched into one call, L one document's length.
+Legend (kernels/__init__.py): T tokens (Tq queries, Tk keys; documents packed), N documents
+(also: the N pieces of documents batched into one op call), Hq query heads, K key/value heads,
+G = Hq / K, D head dim; added here: L one document's (piece's) length, and in the blockwise
+path Q queries and C keys of one tile, M = G x Q rows (a KV head's G query heads stacked).
 
 Two paths, one contract (see docs/INTERFACES.md):
 - CPU tensors: the CPU flash-attention op (aten `_scaled_dot_product_flash_attention_for_cpu`
@@ -25,24 +27,16 @@ runs in float64 throughout. Outputs are allocated NaN-filled and every row is wr
 missed row shows up in tests.
 """
 
-import math
-
 import torch
 
+from kernels.attention.args import check_attn_args, default_softmax_scale
 from kernels.attention.merge import merge_attn_partials
+from kernels.precision import acc_dtype
 
 _CPU_FLASH_FWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _CPU_FLASH_BWD = getattr(
     torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None
 )
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _scale(q: torch.Tensor, softmax_scale: float | None) -> float:
-    return 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
 
 
 def _use_cpu_flash(q: torch.Tensor) -> bool:
@@ -94,27 +88,27 @@ def _rows(starts: list[int], length: int, device: torch.device) -> slice | torch
     return (start_N1 + torch.arange(length, device=device)[None, :]).reshape(-1)
 
 
-def _to_op(x_TXD: torch.Tensor, rows: slice | torch.Tensor, n: int) -> torch.Tensor:
-    """[T, X, D] rows of N pieces -> [N, X, L, D], the op's layout."""
-    return x_TXD[rows].view(n, -1, *x_TXD.shape[1:]).transpose(1, 2)
+def _to_op(x_THD: torch.Tensor, rows: slice | torch.Tensor, n: int) -> torch.Tensor:
+    """[T, H, D] rows of N pieces -> [N, H, L, D], the op's layout."""
+    return x_THD[rows].view(n, -1, *x_THD.shape[1:]).transpose(1, 2)
 
 
-def _from_op(x_NXLD: torch.Tensor) -> torch.Tensor:
-    """[N, X, L, D] -> [N * L, X, D]."""
-    return x_NXLD.transpose(1, 2).reshape(-1, *x_NXLD.shape[1:2], x_NXLD.shape[-1])
+def _from_op(x_NHLD: torch.Tensor) -> torch.Tensor:
+    """[N, H, L, D] -> [N * L, H, D]."""
+    return x_NHLD.transpose(1, 2).reshape(-1, *x_NHLD.shape[1:2], x_NHLD.shape[-1])
 
 
 def _lse_to_op(lse_HT: torch.Tensor, rows: slice | torch.Tensor, n: int) -> torch.Tensor:
-    """[H, T] rows of N pieces -> [N, H, L]."""
+    """[Hq, T] rows of N pieces -> [N, Hq, L]."""
     return lse_HT[:, rows].view(lse_HT.shape[0], n, -1).transpose(0, 1)
 
 
 def _lse_from_op(lse_NHL: torch.Tensor) -> torch.Tensor:
-    """[N, H, L] -> [H, N * L]."""
+    """[N, Hq, L] -> [Hq, N * L]."""
     return lse_NHL.transpose(0, 1).reshape(lse_NHL.shape[1], -1)
 
 
-def _one_call(plan: _Plan, T: int, S: int):
+def _one_call(plan: _Plan, T: int, Tk: int):
     """The (Lq, Lk, causal) of the single op call covering every query and key row in order
     (one document, or equal documents), else None; then the op's outputs are the results."""
     if plan.no_key_q or plan.unseen_k or plan.prefix or len(plan.main) != 1:
@@ -126,14 +120,14 @@ def _one_call(plan: _Plan, T: int, S: int):
 
 def _cpu_flash_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale):
     plan = _Plan(cu_seqlens_q, cu_seqlens_k, causal)
-    H, T = q.shape[1], q.shape[0]
-    if one := _one_call(plan, T, k.shape[0]):  # no output copy: [N, H, L, D] is [T, H, D]
+    Hq, T = q.shape[1], q.shape[0]
+    if one := _one_call(plan, T, k.shape[0]):  # no output copy: [N, Hq, L, D] is [T, Hq, D]
         n = T // one[0]
         q_, k_, v_ = (x.view(n, -1, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
         o_NHLD, lse_NHL = _CPU_FLASH_FWD(q_, k_, v_, 0.0, one[2], scale=scale)
         return _from_op(o_NHLD), _lse_from_op(lse_NHL)
     out_THD = torch.full_like(q, float("nan"))
-    lse_HT = q.new_full((H, T), float("nan"), dtype=_compute_dtype(q.dtype))
+    lse_HT = q.new_full((Hq, T), float("nan"), dtype=acc_dtype(q.dtype))
     for q0, q1 in plan.no_key_q:
         out_THD[q0:q1] = 0
         lse_HT[:, q0:q1] = float("-inf")
@@ -159,7 +153,7 @@ def _cpu_flash_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale):
 
 def _cpu_flash_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal, scale):
     plan = _Plan(cu_seqlens_q, cu_seqlens_k, causal)
-    lse = lse.to(_compute_dtype(q.dtype))
+    lse = lse.to(acc_dtype(q.dtype))
     if one := _one_call(plan, q.shape[0], k.shape[0]):  # no gradient copies
         n = q.shape[0] // one[0]
         ops = (x.view(n, -1, *x.shape[1:]).transpose(1, 2) for x in (dout, q, k, v, out))
@@ -167,12 +161,12 @@ def _cpu_flash_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal, 
         grads = _CPU_FLASH_BWD(*ops, lse_NHL, 0.0, one[2], scale=scale)
         return tuple(_from_op(g) for g in grads)
     dq_THD = torch.full_like(q, float("nan"))
-    dk_SKD, dv_SKD = torch.full_like(k, float("nan")), torch.full_like(v, float("nan"))
+    dk_TKD, dv_TKD = torch.full_like(k, float("nan")), torch.full_like(v, float("nan"))
     for q0, q1 in plan.no_key_q:
         dq_THD[q0:q1] = 0
     for k0, k1 in plan.unseen_k:
-        dk_SKD[k0:k1] = 0
-        dv_SKD[k0:k1] = 0
+        dk_TKD[k0:k1] = 0
+        dv_TKD[k0:k1] = 0
     pieces = [(key, starts, False) for key, starts in plan.main.items()]
     pieces += [((lq, lk, False), starts, True) for (lq, lk), starts in plan.prefix.items()]
     for (lq, lk, piece_causal), starts, is_prefix in pieces:
@@ -194,9 +188,9 @@ def _cpu_flash_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal, 
             dq_THD[rq] = dq_sum.to(q.dtype)
         else:
             dq_THD[rq] = _from_op(dq_NHLD)
-        dk_SKD[rk] = _from_op(dk_NKLD)
-        dv_SKD[rk] = _from_op(dv_NKLD)
-    return dq_THD, dk_SKD, dv_SKD
+        dk_TKD[rk] = _from_op(dk_NKLD)
+        dv_TKD[rk] = _from_op(dv_NKLD)
+    return dq_THD, dk_TKD, dv_TKD
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,48 +201,49 @@ def _cpu_flash_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal, 
 def _key_intervals(cu_seqlens_q, cu_seqlens_k, causal, T, device):
     """Each query's visible keys as [klo_T, khi_T) (int64 [T]); empty when khi <= klo."""
     cu_q, cu_k = cu_seqlens_q.to(device, torch.int64), cu_seqlens_k.to(device, torch.int64)
-    len_q_B, len_k_B = cu_q[1:] - cu_q[:-1], cu_k[1:] - cu_k[:-1]
-    doc_T = torch.repeat_interleave(torch.arange(len_q_B.numel(), device=device), len_q_B)
+    len_q_N, len_k_N = cu_q[1:] - cu_q[:-1], cu_k[1:] - cu_k[:-1]
+    doc_T = torch.repeat_interleave(torch.arange(len_q_N.numel(), device=device), len_q_N)
     klo_T = cu_k[:-1][doc_T]
     if causal:  # query i of Lq sees keys j <= i + (Lk - Lq) of its document
         pos_T = torch.arange(T, device=device) - cu_q[:-1][doc_T]
         seen_T = torch.minimum(
-            (pos_T + len_k_B[doc_T] - len_q_B[doc_T] + 1).clamp(min=0), len_k_B[doc_T]
+            (pos_T + len_k_N[doc_T] - len_q_N[doc_T] + 1).clamp(min=0), len_k_N[doc_T]
         )
     else:
-        seen_T = len_k_B[doc_T]
+        seen_T = len_k_N[doc_T]
     return klo_T, klo_T + seen_T
 
 
-def _block_key_ranges(klo_T, khi_T, block_q, S):
+def _block_key_ranges(klo_T, khi_T, block_q, Tk):
     """Per query block, the key range [lo, hi) covering all its queries; one host sync."""
     T = klo_T.numel()
     nb = -(-T // block_q)
     pad = nb * block_q - T
-    lo_nb = torch.cat([klo_T, klo_T.new_full((pad,), S)]).view(nb, block_q).amin(dim=1)
+    lo_nb = torch.cat([klo_T, klo_T.new_full((pad,), Tk)]).view(nb, block_q).amin(dim=1)
     hi_nb = torch.cat([khi_T, khi_T.new_zeros(pad)]).view(nb, block_q).amax(dim=1)
     return torch.stack([lo_nb, hi_nb], dim=1).tolist()
 
 
 def _heads_as_rows(x_LHD: torch.Tensor, K: int, cd: torch.dtype) -> torch.Tensor:
-    """[L, H, D] -> [K, G * L, D] (query head h = kv_head * G + g), in compute dtype `cd`."""
-    L, H, D = x_LHD.shape
-    return x_LHD.to(cd).reshape(L, K, H // K, D).permute(1, 2, 0, 3).reshape(K, -1, D)
+    """[L, Hq, D] -> [K, G * L, D] (query head h = kv_head * G + g), in compute dtype `cd`."""
+    L, Hq, D = x_LHD.shape
+    return x_LHD.to(cd).reshape(L, K, Hq // K, D).permute(1, 2, 0, 3).reshape(K, -1, D)
 
 
-def _rows_as_heads(x_KRD: torch.Tensor, L: int) -> torch.Tensor:
-    """[K, G * L, D] -> [L, H, D]."""
-    K, R, D = x_KRD.shape
-    return x_KRD.view(K, R // L, L, D).permute(2, 0, 1, 3).reshape(L, -1, D)
+def _rows_as_heads(x_KMD: torch.Tensor, L: int) -> torch.Tensor:
+    """[K, G * L, D] -> [L, Hq, D]."""
+    K, M, D = x_KMD.shape
+    return x_KMD.view(K, M // L, L, D).permute(2, 0, 1, 3).reshape(L, -1, D)
 
 
-def _masked_scores(q_KRD, k_SKD, klo_T, khi_T, q0, q1, k0, k1, scale):
-    """Scaled scores [K, G * bq, bk] of queries q0:q1 vs keys k0:k1, -inf where not visible."""
-    K, R, _ = q_KRD.shape
-    s_KRC = torch.bmm(q_KRD, k_SKD[k0:k1].to(q_KRD.dtype).permute(1, 2, 0)) * scale
-    j_1C = torch.arange(k0, k1, device=q_KRD.device)[None, :]
+def _masked_scores(q_KMD, k_TKD, klo_T, khi_T, q0, q1, k0, k1, scale):
+    """Scaled scores [K, M, C] of queries q0:q1 (Q of them) vs keys k0:k1 (C), -inf where not
+    visible."""
+    K, M, _ = q_KMD.shape
+    s_KMC = torch.bmm(q_KMD, k_TKD[k0:k1].to(q_KMD.dtype).permute(1, 2, 0)) * scale
+    j_1C = torch.arange(k0, k1, device=q_KMD.device)[None, :]
     hidden_QC = (j_1C < klo_T[q0:q1, None]) | (j_1C >= khi_T[q0:q1, None])
-    return s_KRC.view(K, -1, q1 - q0, k1 - k0).masked_fill(hidden_QC, float("-inf")).view(K, R, -1)
+    return s_KMC.view(K, -1, q1 - q0, k1 - k0).masked_fill(hidden_QC, float("-inf")).view(K, M, -1)
 
 
 @torch.no_grad()
@@ -267,39 +262,39 @@ def blockwise_attn_fwd(
 ):
     """Blockwise forward; arguments as `torch_attn_fwd` plus tile sizes (queries, keys).
 
-    Memory: O(T * H * D) plus one [K, G * block_q, block_k] tile. Returns (out_THD, lse_HT).
+    Memory: O(T * Hq * D) plus one [K, G * block_q, block_k] tile. Returns (out_THD, lse_HT).
     """
-    T, H, D = q.shape
-    S, K, _ = k.shape
-    cd, scale = _compute_dtype(q.dtype), _scale(q, softmax_scale)
+    T, Hq, D = q.shape
+    Tk, K, _ = k.shape
+    cd, scale = acc_dtype(q.dtype), default_softmax_scale(D, softmax_scale)
     klo_T, khi_T = _key_intervals(cu_seqlens_q, cu_seqlens_k, causal, T, q.device)
     out_THD = torch.full_like(q, float("nan"))
-    lse_HT = q.new_full((H, T), float("nan"), dtype=cd)
-    for b, (lo, hi) in enumerate(_block_key_ranges(klo_T, khi_T, block_q, S)):
+    lse_HT = q.new_full((Hq, T), float("nan"), dtype=cd)
+    for b, (lo, hi) in enumerate(_block_key_ranges(klo_T, khi_T, block_q, Tk)):
         q0, q1 = b * block_q, min(T, (b + 1) * block_q)
-        q_KRD = _heads_as_rows(q[q0:q1], K, cd)
-        m_KR = q_KRD.new_full(q_KRD.shape[:2], float("-inf"))
-        l_KR = torch.zeros_like(m_KR)
-        acc_KRD = torch.zeros_like(q_KRD)
+        q_KMD = _heads_as_rows(q[q0:q1], K, cd)
+        m_KM = q_KMD.new_full(q_KMD.shape[:2], float("-inf"))
+        l_KM = torch.zeros_like(m_KM)
+        acc_KMD = torch.zeros_like(q_KMD)
         for k0 in range(lo, hi, block_k):
             k1 = min(hi, k0 + block_k)
-            s_KRC = _masked_scores(q_KRD, k, klo_T, khi_T, q0, q1, k0, k1, scale)
-            m_new_KR = torch.maximum(m_KR, s_KRC.amax(dim=-1))
+            s_KMC = _masked_scores(q_KMD, k, klo_T, khi_T, q0, q1, k0, k1, scale)
+            m_new_KM = torch.maximum(m_KM, s_KMC.amax(dim=-1))
             # A row that has seen no key yet keeps max -inf; shift it by 0 so exp gives 0.
-            m_safe_KR = torch.where(torch.isfinite(m_new_KR), m_new_KR, 0.0)
-            p_KRC = torch.exp(s_KRC - m_safe_KR[..., None])
+            m_safe_KM = torch.where(torch.isfinite(m_new_KM), m_new_KM, 0.0)
+            p_KMC = torch.exp(s_KMC - m_safe_KM[..., None])
             # Rescale what was summed so far; 0 (not inf * 0) while the old max is -inf.
-            alpha_KR = torch.exp(m_KR - m_safe_KR)
-            l_KR = l_KR * alpha_KR + p_KRC.sum(dim=-1)
-            acc_KRD = acc_KRD * alpha_KR[..., None] + torch.bmm(
-                p_KRC, v[k0:k1].to(cd).transpose(0, 1)
+            alpha_KM = torch.exp(m_KM - m_safe_KM)
+            l_KM = l_KM * alpha_KM + p_KMC.sum(dim=-1)
+            acc_KMD = acc_KMD * alpha_KM[..., None] + torch.bmm(
+                p_KMC, v[k0:k1].to(cd).transpose(0, 1)
             )
-            m_KR = m_new_KR
-        seen_KR = l_KR > 0
-        l_safe_KR = torch.where(seen_KR, l_KR, 1.0)
-        out_THD[q0:q1] = _rows_as_heads(acc_KRD / l_safe_KR[..., None], q1 - q0).to(q.dtype)
-        lse_KR = torch.where(seen_KR, m_KR + torch.log(l_safe_KR), float("-inf"))
-        lse_HT[:, q0:q1] = lse_KR.view(H, q1 - q0)
+            m_KM = m_new_KM
+        seen_KM = l_KM > 0
+        l_safe_KM = torch.where(seen_KM, l_KM, 1.0)
+        out_THD[q0:q1] = _rows_as_heads(acc_KMD / l_safe_KM[..., None], q1 - q0).to(q.dtype)
+        lse_KM = torch.where(seen_KM, m_KM + torch.log(l_safe_KM), float("-inf"))
+        lse_HT[:, q0:q1] = lse_KM.view(Hq, q1 - q0)
     return out_THD, lse_HT
 
 
@@ -322,37 +317,37 @@ def blockwise_attn_bwd(
 ):
     """Blockwise backward; arguments as `torch_attn_bwd` plus tile sizes.
 
-    Recomputes P = exp(S - lse) per tile; dS = P * (dP - rowsum(dout * out)).
-    Returns (dq_THD, dk_SKD, dv_SKD) in the input dtype.
+    Recomputes p = exp(s - lse) per tile; ds = p * (dp - rowsum(dout * out)).
+    Returns (dq_THD, dk_TKD, dv_TKD) in the input dtype.
     """
-    T, H, D = q.shape
-    S, K, _ = k.shape
-    cd, scale = _compute_dtype(q.dtype), _scale(q, softmax_scale)
+    T, _, D = q.shape
+    Tk, K, _ = k.shape
+    cd, scale = acc_dtype(q.dtype), default_softmax_scale(D, softmax_scale)
     klo_T, khi_T = _key_intervals(cu_seqlens_q, cu_seqlens_k, causal, T, q.device)
     dq_THD = torch.full_like(q, float("nan"))
-    dk_KSD = q.new_zeros((K, S, D), dtype=cd)  # accumulators: keys no query sees keep 0
-    dv_KSD = torch.zeros_like(dk_KSD)
+    dk_KTD = q.new_zeros((K, Tk, D), dtype=cd)  # accumulators: keys no query sees keep 0
+    dv_KTD = torch.zeros_like(dk_KTD)
     lse_HT = lse.to(cd)
-    for b, (lo, hi) in enumerate(_block_key_ranges(klo_T, khi_T, block_q, S)):
+    for b, (lo, hi) in enumerate(_block_key_ranges(klo_T, khi_T, block_q, Tk)):
         q0, q1 = b * block_q, min(T, (b + 1) * block_q)
-        q_KRD, do_KRD = _heads_as_rows(q[q0:q1], K, cd), _heads_as_rows(dout[q0:q1], K, cd)
-        delta_KR = (do_KRD * _heads_as_rows(out[q0:q1], K, cd)).sum(dim=-1)
-        lse_KR = lse_HT[:, q0:q1].reshape(K, -1)
-        lse_safe_KR = torch.where(torch.isfinite(lse_KR), lse_KR, 0.0)
-        dq_KRD = torch.zeros_like(q_KRD)
+        q_KMD, do_KMD = _heads_as_rows(q[q0:q1], K, cd), _heads_as_rows(dout[q0:q1], K, cd)
+        delta_KM = (do_KMD * _heads_as_rows(out[q0:q1], K, cd)).sum(dim=-1)
+        lse_KM = lse_HT[:, q0:q1].reshape(K, -1)
+        lse_safe_KM = torch.where(torch.isfinite(lse_KM), lse_KM, 0.0)
+        dq_KMD = torch.zeros_like(q_KMD)
         for k0 in range(lo, hi, block_k):
             k1 = min(hi, k0 + block_k)
             k_KCD, v_KCD = k[k0:k1].to(cd).transpose(0, 1), v[k0:k1].to(cd).transpose(0, 1)
-            s_KRC = _masked_scores(q_KRD, k, klo_T, khi_T, q0, q1, k0, k1, scale)
-            p_KRC = torch.exp(s_KRC - lse_safe_KR[..., None])
-            dp_KRC = torch.bmm(do_KRD, v_KCD.transpose(1, 2))
-            ds_KRC = p_KRC * (dp_KRC - delta_KR[..., None])
-            dq_KRD += torch.bmm(ds_KRC, k_KCD)
-            dk_KSD[:, k0:k1] += torch.bmm(ds_KRC.transpose(1, 2), q_KRD)
-            dv_KSD[:, k0:k1] += torch.bmm(p_KRC.transpose(1, 2), do_KRD)
-        dq_THD[q0:q1] = _rows_as_heads(dq_KRD * scale, q1 - q0).to(q.dtype)
-    dk_SKD = (dk_KSD * scale).transpose(0, 1).to(k.dtype)
-    return dq_THD, dk_SKD, dv_KSD.transpose(0, 1).to(v.dtype)
+            s_KMC = _masked_scores(q_KMD, k, klo_T, khi_T, q0, q1, k0, k1, scale)
+            p_KMC = torch.exp(s_KMC - lse_safe_KM[..., None])
+            dp_KMC = torch.bmm(do_KMD, v_KCD.transpose(1, 2))
+            ds_KMC = p_KMC * (dp_KMC - delta_KM[..., None])
+            dq_KMD += torch.bmm(ds_KMC, k_KCD)
+            dk_KTD[:, k0:k1] += torch.bmm(ds_KMC.transpose(1, 2), q_KMD)
+            dv_KTD[:, k0:k1] += torch.bmm(p_KMC.transpose(1, 2), do_KMD)
+        dq_THD[q0:q1] = _rows_as_heads(dq_KMD * scale, q1 - q0).to(q.dtype)
+    dk_TKD = (dk_KTD * scale).transpose(0, 1).to(k.dtype)
+    return dq_THD, dk_TKD, dv_KTD.transpose(0, 1).to(v.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,15 +367,17 @@ def torch_attn_fwd(
     causal: bool = True,
     softmax_scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Variable-length attention forward (no autograd); inputs are assumed validated.
+    """Variable-length attention forward (no autograd).
 
-    Args: q [T, H, D], k / v [S, K, D] (H % K == 0), cu_seqlens_q / _k [B + 1] int,
+    Args: q [Tq, Hq, D], k / v [Tk, K, D] (Hq % K == 0), cu_seqlens_q / _k [N + 1] int,
     max_seqlen_* (unused here: the document lengths are read from cu_seqlens), causal
     (bottom-right aligned), softmax_scale (default 1 / sqrt(D)).
-    Returns (out_THD [T, H, D] in q's dtype, lse_HT [H, T] float32, float64 for float64).
+    Returns (out_THD [Tq, Hq, D] in q's dtype, lse_HT [Hq, Tq] float32, float64 for float64).
     """
+    check_attn_args("torch_attn_fwd", q, k, v, cu_seqlens_q, cu_seqlens_k)
     if _use_cpu_flash(q):
-        return _cpu_flash_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, _scale(q, softmax_scale))
+        scale = default_softmax_scale(q.shape[-1], softmax_scale)
+        return _cpu_flash_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale)
     return blockwise_attn_fwd(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale
     )
@@ -403,10 +400,15 @@ def torch_attn_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Variable-length attention backward (no autograd), recomputed from the forward's result.
 
-    Args: dout / out [T, H, D], lse [H, T] (from the forward), the rest as `torch_attn_fwd`.
-    Returns (dq [T, H, D], dk [S, K, D], dv [S, K, D]) in the inputs' dtype.
+    Args: dout / out [Tq, Hq, D], lse [Hq, Tq] (from the forward), the rest as
+    `torch_attn_fwd`. Returns (dq [Tq, Hq, D], dk [Tk, K, D], dv [Tk, K, D]) in the inputs'
+    dtype.
     """
-    scale = _scale(q, softmax_scale)
+    check_attn_args(
+        "torch_attn_bwd", q, k, v, cu_seqlens_q, cu_seqlens_k, dout_THD=dout, out_THD=out,
+        lse_HT=lse,
+    )  # fmt: skip
+    scale = default_softmax_scale(q.shape[-1], softmax_scale)
     dout, out = dout.to(q.dtype), out.to(q.dtype)  # e.g. a float32 merged out for bf16 q
     if _use_cpu_flash(q):
         return _cpu_flash_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal, scale)

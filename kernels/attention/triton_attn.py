@@ -1,17 +1,19 @@
 """Triton backend of `attn_varlen`: flash attention over packed documents, with LSE.
 
-Legend: T query tokens (all documents packed), S key tokens, H query heads, K key/value
-heads (H % K == 0, GQA by indexing: KV is never repeated), D head dim, B documents.
+Legend (kernels/__init__.py): T tokens (Tq queries, Tk keys), N documents, Hq query heads,
+K key/value heads (Hq % K == 0, GQA by indexing: KV is never repeated), D head dim.
 
-Chain (FLA style): kernels in `triton_attn_kernels.py` -> `_launch_fwd` / `_launch_bwd`
-(allocation-free launchers) -> `torch.library` custom ops `longtrain::triton_attn_fwd` /
-`longtrain::triton_attn_bwd` (with fake implementations, so `torch.compile` traces through
-them without a graph break) -> `triton_attn_fwd` / `triton_attn_bwd` (checked, no autograd;
-what the `attn_varlen` dispatch calls) -> `TritonAttnFunction` -> `triton_attn_varlen`.
+Chain (FLA style): kernels in `triton_attn_fwd_kernels.py` / `triton_attn_bwd_kernels.py` ->
+`_launch_fwd` / `_launch_bwd` (allocation-free launchers) -> `torch.library` custom ops
+`longtrain::triton_attn_fwd` / `longtrain::triton_attn_bwd` (fake implementations for
+torch.compile and the planner; selective checkpointing knows the forward op by name) ->
+`triton_attn_fwd` / `triton_attn_bwd` (checked, no autograd) -> the one autograd chain of
+every backend, `kernels.attention.autograd` -> `kernels.attention.attn_varlen`.
 
 Inputs: float16 / bfloat16 (float32 accumulation) or float32 (exact `tl.dot`, for tests);
-CUDA tensors, or CPU tensors under `TRITON_INTERPRET=1`. Outputs of tokens outside every
-document (past cu_seqlens[-1]) are out 0, lse -inf and zero gradients.
+CUDA tensors, or CPU tensors under `TRITON_INTERPRET=1`, which the custom ops check when
+they run (not while compiling: fake tensors never reach them). Outputs of tokens outside
+every document (past cu_seqlens[-1]) are out 0, lse -inf and zero gradients.
 """
 
 import math
@@ -19,20 +21,16 @@ import math
 import torch
 import triton
 
-from kernels._triton_utils import (
-    check_dtype,
-    check_triton_tensors,
-    dot_precision,
-    launch_meta,
-)
-from kernels.attention.triton_attn_kernels import (
+from kernels._triton_utils import TRITON_DTYPES, check_triton_tensors, dot_precision, launch_meta
+from kernels.attention.args import check_attn_args, default_softmax_scale
+from kernels.attention.triton_attn_bwd_kernels import (
     attn_bwd_dkdv_kernel,
     attn_bwd_dq_kernel,
     attn_bwd_preprocess_kernel,
-    attn_fwd_kernel,
 )
+from kernels.attention.triton_attn_fwd_kernels import attn_fwd_kernel
 
-__all__ = ["TritonAttnFunction", "triton_attn_bwd", "triton_attn_fwd", "triton_attn_varlen"]
+__all__ = ["triton_attn_bwd", "triton_attn_fwd"]
 
 # Block sizes when not autotuning (the interpreter): small, so short test documents still span
 # several blocks and every boundary case runs; the minimum `tl.dot` accepts is 16.
@@ -50,8 +48,8 @@ def _block_d(head_dim: int) -> int:
 
 def _launch_fwd(
     q_THD: torch.Tensor,
-    k_SKD: torch.Tensor,
-    v_SKD: torch.Tensor,
+    k_TKD: torch.Tensor,
+    v_TKD: torch.Tensor,
     cu_seqlens_q: torch.Tensor,
     cu_seqlens_k: torch.Tensor,
     max_seqlen_q: int,
@@ -63,20 +61,20 @@ def _launch_fwd(
     block_n: int = _DEFAULT_BLOCK_N,
 ) -> None:
     """Write out_THD and lse_HT (float32) of every token inside a document."""
-    T, H, D = q_THD.shape
-    B = cu_seqlens_q.numel() - 1
-    if T == 0 or B == 0 or max_seqlen_q == 0:
+    T, Hq, D = q_THD.shape
+    N = cu_seqlens_q.numel() - 1
+    if T == 0 or N == 0 or max_seqlen_q == 0:
         return
     meta = launch_meta(attn_fwd_kernel, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
 
     def grid(META):
-        return (triton.cdiv(max_seqlen_q, META["BLOCK_M"]), H, B)
+        return (triton.cdiv(max_seqlen_q, META["BLOCK_M"]), Hq, N)
 
     attn_fwd_kernel[grid](
-        q_THD, k_SKD, v_SKD, out_THD, lse_HT, cu_seqlens_q, cu_seqlens_k,
-        q_THD.stride(0), q_THD.stride(1), k_SKD.stride(0), k_SKD.stride(1),
-        v_SKD.stride(0), v_SKD.stride(1), out_THD.stride(0), out_THD.stride(1),
-        T, D, H // k_SKD.shape[1], softmax_scale,
+        q_THD, k_TKD, v_TKD, out_THD, lse_HT, cu_seqlens_q, cu_seqlens_k,
+        q_THD.stride(0), q_THD.stride(1), k_TKD.stride(0), k_TKD.stride(1),
+        v_TKD.stride(0), v_TKD.stride(1), out_THD.stride(0), out_THD.stride(1),
+        T, D, Hq // k_TKD.shape[1], softmax_scale,
         CAUSAL=causal, BLOCK_D=_block_d(D), PRECISION=dot_precision(q_THD.dtype), **meta,
     )  # fmt: skip
 
@@ -84,8 +82,8 @@ def _launch_fwd(
 def _launch_bwd(
     dout_THD: torch.Tensor,
     q_THD: torch.Tensor,
-    k_SKD: torch.Tensor,
-    v_SKD: torch.Tensor,
+    k_TKD: torch.Tensor,
+    v_TKD: torch.Tensor,
     out_THD: torch.Tensor,
     lse_HT: torch.Tensor,
     cu_seqlens_q: torch.Tensor,
@@ -95,23 +93,23 @@ def _launch_bwd(
     causal: bool,
     softmax_scale: float,
     dq_THD: torch.Tensor,
-    dk_SKD: torch.Tensor,
-    dv_SKD: torch.Tensor,
+    dk_TKD: torch.Tensor,
+    dv_TKD: torch.Tensor,
     dlse_HT: torch.Tensor | None = None,
     block_m: int = _DEFAULT_BLOCK_M,
     block_n: int = _DEFAULT_BLOCK_N,
 ) -> None:
     """Write dq, dk, dv of every token inside a document (dk/dv summed over each group);
     `dlse_HT` (float32, optional) is a gradient flowing into the lse output."""
-    T, H, D = q_THD.shape
-    K = k_SKD.shape[1]
-    B = cu_seqlens_q.numel() - 1
-    if T == 0 or B == 0 or max_seqlen_q == 0 or max_seqlen_k == 0:
+    T, Hq, D = q_THD.shape
+    K = k_TKD.shape[1]
+    N = cu_seqlens_q.numel() - 1
+    if T == 0 or N == 0 or max_seqlen_q == 0 or max_seqlen_k == 0:
         return
     block_d = _block_d(D)
     precision = dot_precision(q_THD.dtype)
-    delta_HT = torch.empty((H, T), dtype=torch.float32, device=q_THD.device)
-    attn_bwd_preprocess_kernel[(triton.cdiv(T, block_m), H)](
+    delta_HT = torch.empty((Hq, T), dtype=torch.float32, device=q_THD.device)
+    attn_bwd_preprocess_kernel[(triton.cdiv(T, block_m), Hq)](
         out_THD, dout_THD, delta_HT if dlse_HT is None else dlse_HT, delta_HT,
         out_THD.stride(0), out_THD.stride(1), dout_THD.stride(0), dout_THD.stride(1), T, D,
         HAS_DLSE=dlse_HT is not None, BLOCK_M=block_m, BLOCK_D=block_d,
@@ -119,28 +117,28 @@ def _launch_bwd(
     meta = launch_meta(attn_bwd_dkdv_kernel, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
 
     def grid_kv(META):
-        return (triton.cdiv(max_seqlen_k, META["BLOCK_N"]), K, B)
+        return (triton.cdiv(max_seqlen_k, META["BLOCK_N"]), K, N)
 
     attn_bwd_dkdv_kernel[grid_kv](
-        q_THD, k_SKD, v_SKD, dout_THD, lse_HT, delta_HT, dk_SKD, dv_SKD,
+        q_THD, k_TKD, v_TKD, dout_THD, lse_HT, delta_HT, dk_TKD, dv_TKD,
         cu_seqlens_q, cu_seqlens_k,
-        q_THD.stride(0), q_THD.stride(1), k_SKD.stride(0), k_SKD.stride(1),
-        v_SKD.stride(0), v_SKD.stride(1), dout_THD.stride(0), dout_THD.stride(1),
-        dk_SKD.stride(0), dk_SKD.stride(1), dv_SKD.stride(0), dv_SKD.stride(1),
-        T, D, H // K, softmax_scale,
+        q_THD.stride(0), q_THD.stride(1), k_TKD.stride(0), k_TKD.stride(1),
+        v_TKD.stride(0), v_TKD.stride(1), dout_THD.stride(0), dout_THD.stride(1),
+        dk_TKD.stride(0), dk_TKD.stride(1), dv_TKD.stride(0), dv_TKD.stride(1),
+        T, D, Hq // K, softmax_scale,
         CAUSAL=causal, BLOCK_D=block_d, PRECISION=precision, **meta,
     )  # fmt: skip
     meta = launch_meta(attn_bwd_dq_kernel, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
 
     def grid_q(META):
-        return (triton.cdiv(max_seqlen_q, META["BLOCK_M"]), H, B)
+        return (triton.cdiv(max_seqlen_q, META["BLOCK_M"]), Hq, N)
 
     attn_bwd_dq_kernel[grid_q](
-        q_THD, k_SKD, v_SKD, dout_THD, lse_HT, delta_HT, dq_THD, cu_seqlens_q, cu_seqlens_k,
-        q_THD.stride(0), q_THD.stride(1), k_SKD.stride(0), k_SKD.stride(1),
-        v_SKD.stride(0), v_SKD.stride(1), dout_THD.stride(0), dout_THD.stride(1),
+        q_THD, k_TKD, v_TKD, dout_THD, lse_HT, delta_HT, dq_THD, cu_seqlens_q, cu_seqlens_k,
+        q_THD.stride(0), q_THD.stride(1), k_TKD.stride(0), k_TKD.stride(1),
+        v_TKD.stride(0), v_TKD.stride(1), dout_THD.stride(0), dout_THD.stride(1),
         dq_THD.stride(0), dq_THD.stride(1),
-        T, D, H // K, softmax_scale,
+        T, D, Hq // K, softmax_scale,
         CAUSAL=causal, BLOCK_D=block_d, PRECISION=precision, **meta,
     )  # fmt: skip
 
@@ -164,6 +162,7 @@ def _fwd_op(
     causal: bool,
     softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    check_triton_tensors("triton_attn_fwd", q, k, v, cu_seqlens_q, cu_seqlens_k)
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     out_THD = torch.zeros_like(q)
     lse_HT = torch.full((q.shape[1], q.shape[0]), -math.inf, dtype=torch.float32, device=q.device)
@@ -194,6 +193,7 @@ def _bwd_op(
     softmax_scale: float,
     dlse: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_triton_tensors("triton_attn_bwd", dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
     dout, q, k, v, out = (_last_dim_contiguous(x) for x in (dout, q, k, v, out))
     lse = lse.float().contiguous()
     dlse = None if dlse is None else dlse.float().contiguous()
@@ -210,55 +210,13 @@ def _(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, softmax_scale, 
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-# ------------------------------------------------------------------------------ public API
-
-
-def _check_inputs(
-    name: str,
-    q_THD: torch.Tensor,
-    k_SKD: torch.Tensor,
-    v_SKD: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-) -> None:
-    if q_THD.dim() != 3 or k_SKD.dim() != 3 or v_SKD.shape != k_SKD.shape:
-        raise ValueError(
-            f"{name}: expected q [T, H, D] and k, v [S, K, D] of one shape, got "
-            f"{tuple(q_THD.shape)}, {tuple(k_SKD.shape)}, {tuple(v_SKD.shape)}"
-        )
-    H, D = q_THD.shape[1:]
-    K = k_SKD.shape[1]
-    if k_SKD.shape[2] != D or K == 0 or H % K:
-        raise ValueError(
-            f"{name}: q has {H} heads of dim {D}, k/v {K} heads of dim {k_SKD.shape[2]}: "
-            f"head dims must agree and query heads be a multiple of key/value heads"
-        )
-    if D > _MAX_HEAD_DIM:
-        raise ValueError(f"{name}: head dim {D} > {_MAX_HEAD_DIM} is not supported")
-    if not (q_THD.dtype == k_SKD.dtype == v_SKD.dtype):
-        raise ValueError(
-            f"{name}: q, k, v dtypes differ: {q_THD.dtype}, {k_SKD.dtype}, {v_SKD.dtype}"
-        )
-    check_dtype(name, q_THD.dtype)
-    for label, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
-        if cu.dim() != 1 or cu.numel() < 1 or cu.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"{name}: {label} must be a 1-D int32/int64 tensor [B + 1]")
-    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
-        raise ValueError(
-            f"{name}: cu_seqlens_q has {cu_seqlens_q.numel() - 1} documents, "
-            f"cu_seqlens_k {cu_seqlens_k.numel() - 1}"
-        )
-    check_triton_tensors(name, q_THD, k_SKD, v_SKD, cu_seqlens_q, cu_seqlens_k)
-
-
-def _scale(softmax_scale: float | None, head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
+# ------------------------------------------------------------------------------ fwd / bwd
 
 
 def triton_attn_fwd(
     q_THD: torch.Tensor,
-    k_SKD: torch.Tensor,
-    v_SKD: torch.Tensor,
+    k_TKD: torch.Tensor,
+    v_TKD: torch.Tensor,
     cu_seqlens_q: torch.Tensor,
     cu_seqlens_k: torch.Tensor,
     max_seqlen_q: int,
@@ -268,24 +226,26 @@ def triton_attn_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Varlen attention forward (no autograd).
 
-    q_THD [T, H, D], k_SKD / v_SKD [S, K, D] (H % K == 0), cu_seqlens_q / _k [B + 1] int
-    (from 0), max_seqlen_q / _k the longest document (must not be smaller than the truth).
-    Returns (out_THD [T, H, D] in q's dtype, lse_HT [H, T] float32, natural log; a row that
-    sees no key has out 0 and lse -inf). Causal is aligned bottom-right.
+    q_THD [Tq, Hq, D], k_TKD / v_TKD [Tk, K, D] (Hq % K == 0, D <= 256), cu_seqlens_q / _k
+    [N + 1] int (from 0), max_seqlen_q / _k the longest document (must not be smaller than the
+    truth). Returns (out_THD [Tq, Hq, D] in q's dtype, lse_HT [Hq, Tq] float32, natural log; a
+    row that sees no key has out 0 and lse -inf). Causal is aligned bottom-right.
     """
-    _check_inputs("triton_attn_fwd", q_THD, k_SKD, v_SKD, cu_seqlens_q, cu_seqlens_k)
-    scale = _scale(softmax_scale, q_THD.shape[-1])
+    check_attn_args(
+        "triton_attn_fwd", q_THD, k_TKD, v_TKD, cu_seqlens_q, cu_seqlens_k,
+        dtypes=TRITON_DTYPES, max_head_dim=_MAX_HEAD_DIM,
+    )  # fmt: skip
     return torch.ops.longtrain.triton_attn_fwd(
-        q_THD, k_SKD, v_SKD, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
-        bool(causal), scale,
+        q_THD, k_TKD, v_TKD, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
+        bool(causal), default_softmax_scale(q_THD.shape[-1], softmax_scale),
     )  # fmt: skip
 
 
 def triton_attn_bwd(
     dout_THD: torch.Tensor,
     q_THD: torch.Tensor,
-    k_SKD: torch.Tensor,
-    v_SKD: torch.Tensor,
+    k_TKD: torch.Tensor,
+    v_TKD: torch.Tensor,
     out_THD: torch.Tensor,
     lse_HT: torch.Tensor,
     cu_seqlens_q: torch.Tensor,
@@ -298,68 +258,18 @@ def triton_attn_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Varlen attention backward (no autograd), recomputing P from (q, k, lse).
 
-    dout_THD / out_THD [T, H, D], lse_HT [H, T] as returned by `triton_attn_fwd`; other
-    arguments as there; dlse_HT [H, T] (optional) is the gradient of the lse output.
-    Returns (dq_THD [T, H, D], dk_SKD [S, K, D], dv_SKD [S, K, D]) in the inputs' dtype;
-    dk/dv are summed over the H / K query heads sharing each KV head.
+    dout_THD / out_THD [Tq, Hq, D], lse_HT [Hq, Tq] as returned by `triton_attn_fwd`; other
+    arguments as there; dlse_HT [Hq, Tq] (optional) is the gradient of the lse output.
+    Returns (dq_THD [Tq, Hq, D], dk_TKD [Tk, K, D], dv_TKD [Tk, K, D]) in the inputs' dtype;
+    dk/dv are summed over the Hq / K query heads sharing each KV head.
     """
-    _check_inputs("triton_attn_bwd", q_THD, k_SKD, v_SKD, cu_seqlens_q, cu_seqlens_k)
-    if dout_THD.shape != q_THD.shape or out_THD.shape != q_THD.shape:
-        raise ValueError(
-            f"triton_attn_bwd: dout {tuple(dout_THD.shape)} and out {tuple(out_THD.shape)} "
-            f"must have q's shape {tuple(q_THD.shape)}"
-        )
-    if lse_HT.shape != (q_THD.shape[1], q_THD.shape[0]):
-        raise ValueError(
-            f"triton_attn_bwd: lse must be [H, T] = {(q_THD.shape[1], q_THD.shape[0])}, "
-            f"got {tuple(lse_HT.shape)}"
-        )
-    scale = _scale(softmax_scale, q_THD.shape[-1])
-    return torch.ops.longtrain.triton_attn_bwd(
-        dout_THD.to(q_THD.dtype), q_THD, k_SKD, v_SKD, out_THD, lse_HT, cu_seqlens_q,
-        cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), bool(causal), scale, dlse_HT,
+    check_attn_args(
+        "triton_attn_bwd", q_THD, k_TKD, v_TKD, cu_seqlens_q, cu_seqlens_k,
+        dtypes=TRITON_DTYPES, max_head_dim=_MAX_HEAD_DIM, dout_THD=dout_THD, out_THD=out_THD,
+        lse_HT=lse_HT,
     )  # fmt: skip
-
-
-class TritonAttnFunction(torch.autograd.Function):
-    """Autograd around the two custom ops; saves (q, k, v, out, lse), nothing quadratic.
-    Both outputs are differentiable: a gradient of lse (ring attention's merge) is honoured."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, causal, softmax_scale):
-        out, lse = triton_attn_fwd(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, causal, softmax_scale
-        )
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
-        ctx.args = (max_q, max_k, causal, softmax_scale)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-        dq, dk, dv = triton_attn_bwd(
-            dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.args, dlse
-        )
-        return dq, dk, dv, None, None, None, None, None, None
-
-
-def triton_attn_varlen(
-    q_THD: torch.Tensor,
-    k_SKD: torch.Tensor,
-    v_SKD: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    causal: bool = True,
-    softmax_scale: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Differentiable (in q, k, v) varlen attention on the Triton kernels.
-
-    Shapes as `triton_attn_fwd`: q_THD [T, H, D], k_SKD / v_SKD [S, K, D] ->
-    (out_THD [T, H, D], lse_HT [H, T] float32); both outputs carry gradients.
-    """
-    return TritonAttnFunction.apply(
-        q_THD, k_SKD, v_SKD, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-        softmax_scale,
+    return torch.ops.longtrain.triton_attn_bwd(
+        dout_THD.to(q_THD.dtype), q_THD, k_TKD, v_TKD, out_THD, lse_HT, cu_seqlens_q,
+        cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), bool(causal),
+        default_softmax_scale(q_THD.shape[-1], softmax_scale), dlse_HT,
     )  # fmt: skip

@@ -1,6 +1,7 @@
 """LSE merge of two partial attention results, in Triton (forward and backward).
 
-Legend: T query tokens, H query heads, D head dim, BT a block of tokens, BD D padded.
+Legend (kernels/__init__.py): T query tokens, Hq query heads (H in names), D head dim; added
+here: BT a block of tokens, BD the head dim padded to a power of two.
 
 Same semantics as the torch `merge_attn_partials` (kernels/attention/merge.py), the reference:
     lse = log(exp(lse_a) + exp(lse_b)),  out = w_a * out_a + w_b * out_b,  w_x = exp(lse_x - lse)
@@ -20,6 +21,7 @@ import triton
 import triton.language as tl
 
 from kernels._triton_utils import check_triton_tensors
+from kernels.precision import acc_dtype
 
 __all__ = ["TritonMergeFunction", "triton_merge_attn_partials"]
 
@@ -125,16 +127,12 @@ def merge_bwd_kernel(
     tl.store(dlse_b_ptr + lse_off, dlse_b.to(dlse_b_ptr.dtype.element_ty), mask=t_mask)
 
 
-def _compute(*tensors: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
 def _tl_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _grid(T: int, H: int) -> tuple[int, int]:
-    return (triton.cdiv(T, _BLOCK_T), H)
+def _grid(T: int, Hq: int) -> tuple[int, int]:
+    return (triton.cdiv(T, _BLOCK_T), Hq)
 
 
 def _block_d(head_dim: int) -> int:
@@ -145,14 +143,15 @@ def _block_d(head_dim: int) -> int:
 def _fwd_op(
     out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    T, H, D = out_a.shape
-    compute = _compute(out_a, lse_a, out_b, lse_b)
+    check_triton_tensors("triton_merge_attn_partials", out_a, lse_a, out_b, lse_b)
+    T, Hq, D = out_a.shape
+    compute = acc_dtype(out_a.dtype, lse_a.dtype, out_b.dtype, lse_b.dtype)
     out_a, out_b = out_a.contiguous(), out_b.contiguous()
     lse_a, lse_b = lse_a.contiguous(), lse_b.contiguous()
     out = torch.empty_like(out_a)
-    lse = torch.empty((H, T), dtype=compute, device=out_a.device)
-    if T > 0 and H > 0:
-        merge_fwd_kernel[_grid(T, H)](
+    lse = torch.empty((Hq, T), dtype=compute, device=out_a.device)
+    if T > 0 and Hq > 0:
+        merge_fwd_kernel[_grid(T, Hq)](
             out_a, lse_a, out_b, lse_b, out, lse, out_a.stride(0), out_a.stride(1),
             out_b.stride(0), out_b.stride(1), out.stride(0), out.stride(1), T, D,
             COMPUTE=_tl_dtype(compute), BLOCK_T=_BLOCK_T, BLOCK_D=_block_d(D),
@@ -162,9 +161,9 @@ def _fwd_op(
 
 @_fwd_op.register_fake
 def _(out_a, lse_a, out_b, lse_b):
-    compute = _compute(out_a, lse_a, out_b, lse_b)
-    T, H, _ = out_a.shape
-    return torch.empty_like(out_a), out_a.new_empty((H, T), dtype=compute)
+    compute = acc_dtype(out_a.dtype, lse_a.dtype, out_b.dtype, lse_b.dtype)
+    T, Hq, _ = out_a.shape
+    return torch.empty_like(out_a), out_a.new_empty((Hq, T), dtype=compute)
 
 
 @torch.library.custom_op("longtrain::triton_merge_bwd", mutates_args=())
@@ -176,15 +175,16 @@ def _bwd_op(
     out_b: torch.Tensor,
     lse_b: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    T, H, D = out_a.shape
-    compute = _compute(out_a, lse_a, out_b, lse_b)
+    check_triton_tensors("triton_merge_attn_partials", dout, dlse, out_a, lse_a, out_b, lse_b)
+    T, Hq, D = out_a.shape
+    compute = acc_dtype(out_a.dtype, lse_a.dtype, out_b.dtype, lse_b.dtype)
     dout, out_a, out_b = (x.contiguous() for x in (dout, out_a, out_b))
     dlse, lse_a, lse_b = (x.contiguous() for x in (dlse, lse_a, lse_b))
     dout_a, dout_b = torch.empty_like(out_a), torch.empty_like(out_b)
     dlse_a = torch.empty(lse_a.shape, dtype=lse_a.dtype, device=lse_a.device)
     dlse_b = torch.empty(lse_b.shape, dtype=lse_b.dtype, device=lse_b.device)
-    if T > 0 and H > 0:
-        merge_bwd_kernel[_grid(T, H)](
+    if T > 0 and Hq > 0:
+        merge_bwd_kernel[_grid(T, Hq)](
             dout, dlse, out_a, lse_a, out_b, lse_b, dout_a, dlse_a, dout_b, dlse_b,
             out_a.stride(0), out_a.stride(1), T, D,
             COMPUTE=_tl_dtype(compute), BLOCK_T=_BLOCK_T, BLOCK_D=_block_d(D),
@@ -228,13 +228,13 @@ def triton_merge_attn_partials(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge two partials over disjoint key sets (Triton; differentiable in all four inputs).
 
-    out_a_THD / out_b_THD [T, H, D] (one dtype), lse_a_HT / lse_b_HT [H, T] natural-log lse
-    (-inf where a row saw no key). Returns (out_THD [T, H, D] in the outputs' dtype, lse_HT
-    [H, T] float32, or float64 when an input is float64).
+    out_a_THD / out_b_THD [T, Hq, D] (one dtype), lse_a_HT / lse_b_HT [Hq, T] natural-log lse
+    (-inf where a row saw no key). Returns (out_THD [T, Hq, D] in the outputs' dtype, lse_HT
+    [Hq, T] float32, or float64 when an input is float64).
     """
     if out_a_THD.dim() != 3 or out_a_THD.shape != out_b_THD.shape:
         raise ValueError(
-            f"triton_merge_attn_partials: outputs must both be [T, H, D], got "
+            f"triton_merge_attn_partials: outputs must both be [T, Hq, D], got "
             f"{tuple(out_a_THD.shape)} and {tuple(out_b_THD.shape)}"
         )
     if out_a_THD.dtype != out_b_THD.dtype:
@@ -242,14 +242,13 @@ def triton_merge_attn_partials(
             f"triton_merge_attn_partials: output dtypes differ: {out_a_THD.dtype}, "
             f"{out_b_THD.dtype}"
         )
-    T, H, _ = out_a_THD.shape
-    if lse_a_HT.shape != (H, T) or lse_b_HT.shape != (H, T):
+    T, Hq, _ = out_a_THD.shape
+    if lse_a_HT.shape != (Hq, T) or lse_b_HT.shape != (Hq, T):
         raise ValueError(
-            f"triton_merge_attn_partials: lse must be [H, T] = {(H, T)}, got "
+            f"triton_merge_attn_partials: lse must be [Hq, T] = {(Hq, T)}, got "
             f"{tuple(lse_a_HT.shape)} and {tuple(lse_b_HT.shape)}"
         )
     for x in (out_a_THD, lse_a_HT, lse_b_HT):
         if not x.dtype.is_floating_point:
             raise ValueError(f"triton_merge_attn_partials: expected float tensors, got {x.dtype}")
-    check_triton_tensors("triton_merge_attn_partials", out_a_THD, lse_a_HT, out_b_THD, lse_b_HT)
     return TritonMergeFunction.apply(out_a_THD, lse_a_HT, out_b_THD, lse_b_HT)

@@ -1,6 +1,6 @@
 """Output projection + cross-entropy without materialising the [T, V] logits.
 
-Legend: T tokens, D model dim, V vocabulary size.
+Legend (kernels/__init__.py): T tokens, E model width, V vocabulary size.
 
 Chain: `tiled_ce` (torch, custom op `longtrain::linear_cross_entropy_fwd` with its autograd)
 or `triton_ce` (GPU, imported lazily) -> `linear_cross_entropy` (validation, dispatch).
@@ -12,25 +12,25 @@ import torch
 
 from kernels.loss.naive import linear_cross_entropy_naive
 from kernels.loss.tiled_ce import torch_linear_cross_entropy
+from kernels.precision import FLOAT_DTYPES
 
 __all__ = ["BACKENDS", "linear_cross_entropy", "linear_cross_entropy_naive"]
 
 BACKENDS = ("auto", "torch", "triton")
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _validate(hidden_TD, weight_VD, labels_T, token_weights_T, ignore_index, tile_tokens):
-    if hidden_TD.dim() != 2 or weight_VD.dim() != 2 or hidden_TD.shape[1] != weight_VD.shape[1]:
+def _validate(hidden_TE, weight_VE, labels_T, token_weights_T, ignore_index, tile_tokens):
+    if hidden_TE.dim() != 2 or weight_VE.dim() != 2 or hidden_TE.shape[1] != weight_VE.shape[1]:
         raise ValueError(
-            f"linear_cross_entropy: expected hidden [T, D] and weight [V, D], got "
-            f"{tuple(hidden_TD.shape)} and {tuple(weight_VD.shape)}"
+            f"linear_cross_entropy: expected hidden [T, E] and weight [V, E], got "
+            f"{tuple(hidden_TE.shape)} and {tuple(weight_VE.shape)}"
         )
-    if hidden_TD.dtype not in _FLOAT_DTYPES or weight_VD.dtype not in _FLOAT_DTYPES:
+    if hidden_TE.dtype not in FLOAT_DTYPES or weight_VE.dtype not in FLOAT_DTYPES:
         raise ValueError(
-            f"linear_cross_entropy: hidden and weight must be float, got {hidden_TD.dtype} "
-            f"and {weight_VD.dtype}"
+            f"linear_cross_entropy: hidden and weight must be float, got {hidden_TE.dtype} "
+            f"and {weight_VE.dtype}"
         )
-    T, V = hidden_TD.shape[0], weight_VD.shape[0]
+    T, V = hidden_TE.shape[0], weight_VE.shape[0]
     if labels_T.shape != (T,) or labels_T.dtype.is_floating_point or labels_T.dtype == torch.bool:
         raise ValueError(
             f"linear_cross_entropy: labels must be integer [{T}], got {labels_T.dtype} "
@@ -57,8 +57,8 @@ def _validate(hidden_TD, weight_VD, labels_T, token_weights_T, ignore_index, til
 
 
 def linear_cross_entropy(
-    hidden_TD: torch.Tensor,
-    weight_VD: torch.Tensor,
+    hidden_TE: torch.Tensor,
+    weight_VE: torch.Tensor,
     labels_T: torch.Tensor,
     token_weights_T: torch.Tensor | None = None,
     ignore_index: int = -100,
@@ -67,7 +67,7 @@ def linear_cross_entropy(
 ) -> torch.Tensor:
     """Weighted SUM over tokens of cross-entropy(hidden_t @ weight.T, label_t).
 
-    Args: hidden_TD [T, D], weight_VD [V, D] (float; may differ in dtype for `torch`),
+    Args: hidden_TE [T, E], weight_VE [V, E] (float; may differ in dtype for `torch`),
     labels_T [T] integer in [0, V) or `ignore_index` (adds 0, gets zero gradient),
     token_weights_T [T] float or None (all 1; differentiated too when it requires grad),
     tile_tokens: tokens per logits tile (extra memory ~ tile_tokens x V x 4 bytes),
@@ -78,9 +78,9 @@ def linear_cross_entropy(
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown loss backend {backend!r}; expected one of {BACKENDS}")
-    _validate(hidden_TD, weight_VD, labels_T, token_weights_T, ignore_index, tile_tokens)
+    _validate(hidden_TE, weight_VE, labels_T, token_weights_T, ignore_index, tile_tokens)
     if backend == "triton":  # GPU kernels: imported only when asked for
         fn = importlib.import_module("kernels.loss.triton_ce").triton_linear_cross_entropy
     else:
         fn = torch_linear_cross_entropy
-    return fn(hidden_TD, weight_VD, labels_T, token_weights_T, int(ignore_index), int(tile_tokens))
+    return fn(hidden_TE, weight_VE, labels_T, token_weights_T, int(ignore_index), int(tile_tokens))

@@ -1,5 +1,7 @@
 """RMSNorm over the last dimension.
 
+Legend (kernels/__init__.py): T tokens (any leading dims), E the normalised width.
+
 Backends: `torch` (`naive.py`, any device and dtype), `triton` (`triton_norm.py`: fused
 forward and backward; CUDA, or CPU under TRITON_INTERPRET=1; float16/bfloat16/float32) and
 `auto` (triton for CUDA tensors when triton is installed and the dtype is supported, else torch).
@@ -25,16 +27,16 @@ def _resolve(backend: str, x: torch.Tensor, weight: torch.Tensor) -> str:
 
 
 def rms_norm(
-    x_TD: torch.Tensor, weight_D: torch.Tensor, eps: float = 1e-5, backend: str = "auto"
+    x_TE: torch.Tensor, weight_E: torch.Tensor, eps: float = 1e-5, backend: str = "auto"
 ) -> torch.Tensor:
-    """RMSNorm of `x_TD` ([..., D]) scaled by `weight_D` ([D]); same shape and dtype as x.
+    """RMSNorm of `x_TE` ([..., E]) scaled by `weight_E` ([E]); same shape and dtype as x.
 
     `backend`: `auto`, `torch` or `triton`.
     """
-    if x_TD.shape[-1] != weight_D.shape[-1]:
-        raise ValueError(f"rms_norm: x has dim {x_TD.shape[-1]}, weight has {weight_D.shape[-1]}")
-    if _resolve(backend, x_TD, weight_D) == "triton":
+    if x_TE.shape[-1] != weight_E.shape[-1]:
+        raise ValueError(f"rms_norm: x has dim {x_TE.shape[-1]}, weight has {weight_E.shape[-1]}")
+    if _resolve(backend, x_TE, weight_E) == "triton":
         from kernels.norm.triton_norm import rms_norm_triton
 
-        return rms_norm_triton(x_TD, weight_D, eps)
-    return rms_norm_naive(x_TD, weight_D, eps)
+        return rms_norm_triton(x_TE, weight_E, eps)
+    return rms_norm_naive(x_TE, weight_E, eps)

@@ -1,5 +1,7 @@
 """Rotary position embedding with per-token positions (restarting per document).
 
+Legend (kernels/__init__.py): T tokens, H heads (query or key/value), D head dim (even).
+
 Backends: `torch` (`naive.py`, any device and dtype), `triton` (`triton_rope.py`: fused
 forward and backward; CUDA, or CPU under TRITON_INTERPRET=1; float16/bfloat16/float32) and
 `auto` (triton for CUDA tensors when triton is installed and the dtype is supported, else torch).

@@ -1,6 +1,7 @@
 """Rotary position embedding, readable torch reference.
 
-Legend: T tokens, H heads, D head dim (even).
+Legend (kernels/__init__.py): T tokens, H heads (query or key/value), D head dim (even);
+added here: D2 = D / 2 rotation pairs (a suffix).
 Convention: Llama's "rotate half": dims (i, i + D/2) form a pair rotated by angle
 position * theta^(-2i/D). Positions are per token, so they restart at every document.
 """

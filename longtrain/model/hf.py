@@ -1,13 +1,13 @@
 """Train a local Hugging Face causal LM (Llama, Qwen2, Mistral) with longtrain's machinery.
 
-Legend: T tokens in the flat micro-batch on this rank, D model width, H query heads,
-K key/value heads, E head dim, V vocabulary.
+Legend (the project's, kernels/__init__.py): T tokens in the flat micro-batch on this rank,
+E model width, Hq query heads (H in names), K key/value heads, D head dim, V vocabulary.
 
 `model=hf model.path=DIR` builds the `transformers` model of DIR (config.json; weights from
 safetensors when present, else a seeded random init) and wraps it in `HFCausalLM`, which has
 the interface of `longtrain.model.llama.Transformer`. Attention goes through transformers'
 public attention interface: we register `longtrain_varlen`, an attention function that takes
-the module's q/k/v ([1, H, T, E], after HF's RoPE) and calls the
+the module's q/k/v ([1, Hq, T, D], after HF's RoPE) and calls the
 `kernels.attention.VarlenAttention` that `attach_varlen_attention` hangs on every attention
 module as `longtrain_core`. `parallel.apply` finds those submodules like any other and swaps
 them for sequence-parallel ones, so ulysses / ring / usp apply unchanged. Our `attn_meta`
@@ -75,9 +75,9 @@ def longtrain_varlen_attention(
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function `longtrain_varlen`.
 
-    query [1, H, T, E], key / value [1, K, T, E] (after RoPE); `kwargs[ATTN_META_KWARG]` is
+    query [1, Hq, T, D], key / value [1, K, T, D] (after RoPE); `kwargs[ATTN_META_KWARG]` is
     the attention metadata of the batch. Calls `module.longtrain_core` (a VarlenAttention or
-    its sequence-parallel replacement) and returns (out [1, T, H, E], None).
+    its sequence-parallel replacement) and returns (out [1, T, Hq, D], None).
     """
     meta = kwargs.get(ATTN_META_KWARG)
     if meta is None:
@@ -112,12 +112,12 @@ def longtrain_varlen_attention(
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
-    # (1, H, T, E) -> (T, H, E): a view of the projection's contiguous [T, H*E] output.
-    q_THE = query[0].transpose(0, 1).contiguous()
-    k_TKE = key[0].transpose(0, 1).contiguous()
-    v_TKE = value[0].transpose(0, 1).contiguous()
-    out_THE = core(q_THE, k_TKE, v_TKE, meta, causal=True, softmax_scale=scaling)
-    return out_THE.unsqueeze(0), None  # (T, H, E) -> (1, T, H, E), as HF's o_proj expects
+    # (1, Hq, T, D) -> (T, Hq, D): a view of the projection's contiguous [T, Hq*D] output.
+    q_THD = query[0].transpose(0, 1).contiguous()
+    k_TKD = key[0].transpose(0, 1).contiguous()
+    v_TKD = value[0].transpose(0, 1).contiguous()
+    out_THD = core(q_THD, k_TKD, v_TKD, meta, causal=True, softmax_scale=scaling)
+    return out_THD.unsqueeze(0), None  # (T, Hq, D) -> (1, T, Hq, D), as HF's o_proj expects
 
 
 def register_attention() -> None:
@@ -156,11 +156,11 @@ class HFCausalLM(TiledLossHead, nn.Module):
 
     @property
     def layers(self) -> nn.ModuleList:
-        """The decoder layers ([1, T, D] -> [1, T, D] each)."""
+        """The decoder layers ([1, T, E] -> [1, T, E] each)."""
         return self.hf.base_model.layers
 
     def output_weight(self) -> torch.Tensor:
-        """The [V, D] output projection (the embedding when tied)."""
+        """The [V, E] output projection (the embedding when tied)."""
         return self.hf.get_output_embeddings().weight
 
     def forward(
@@ -173,7 +173,7 @@ class HFCausalLM(TiledLossHead, nn.Module):
     ) -> torch.Tensor:
         """tokens_T, position_ids_T: int64 [T] (positions restart at every document).
 
-        Without labels: hidden states [T, D] after the final norm. With `labels_T` (int64 [T],
+        Without labels: hidden states [T, E] after the final norm. With `labels_T` (int64 [T],
         -100 = not trained) and optional `loss_weights_T` (float [T]): the weighted *sum* of
         token cross-entropies (scalar), tiled so [T, V] logits never exist.
         """

@@ -1,7 +1,8 @@
 """A Llama-style decoder over flat packed batches.
 
-Legend: T tokens in the (micro-)batch on this rank, D model width, H query heads,
-K key/value heads, E head dim, F SwiGLU width, V vocabulary.
+Legend (the project's, kernels/__init__.py): T tokens in the (micro-)batch on this rank,
+E model width, Hq query heads (H in names), K key/value heads, D head dim, F SwiGLU width,
+V vocabulary.
 
 The batch is flat: several packed sequences concatenated along T, documents delimited by
 the attention metadata. The model knows nothing of ranks: `attn_meta` is passed through to
@@ -33,8 +34,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.backend = backend
 
-    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x_TD, self.weight, self.eps, backend=self.backend)
+    def forward(self, x_TE: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x_TE, self.weight, self.eps, backend=self.backend)
 
 
 class Attention(nn.Module):
@@ -52,15 +53,15 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=False)
         self.core = VarlenAttention(backend=cfg.attn_backend)
 
-    def forward(self, x_TD: torch.Tensor, position_ids_T: torch.Tensor, attn_meta) -> torch.Tensor:
-        T = x_TD.shape[0]
-        q_THE = self.wq(x_TD).view(T, self.n_heads, self.head_dim)
-        k_TKE = self.wk(x_TD).view(T, self.n_kv_heads, self.head_dim)
-        v_TKE = self.wv(x_TD).view(T, self.n_kv_heads, self.head_dim)
-        q_THE = apply_rope(q_THE, position_ids_T, self.rope_theta, backend=self.kernel_backend)
-        k_TKE = apply_rope(k_TKE, position_ids_T, self.rope_theta, backend=self.kernel_backend)
-        out_THE = self.core(q_THE, k_TKE, v_TKE, attn_meta, causal=True)
-        return self.wo(out_THE.reshape(T, self.n_heads * self.head_dim))
+    def forward(self, x_TE: torch.Tensor, position_ids_T: torch.Tensor, attn_meta) -> torch.Tensor:
+        T = x_TE.shape[0]
+        q_THD = self.wq(x_TE).view(T, self.n_heads, self.head_dim)  # (T, Hq D) -> (T, Hq, D)
+        k_TKD = self.wk(x_TE).view(T, self.n_kv_heads, self.head_dim)  # (T, K D) -> (T, K, D)
+        v_TKD = self.wv(x_TE).view(T, self.n_kv_heads, self.head_dim)
+        q_THD = apply_rope(q_THD, position_ids_T, self.rope_theta, backend=self.kernel_backend)
+        k_TKD = apply_rope(k_TKD, position_ids_T, self.rope_theta, backend=self.kernel_backend)
+        out_THD = self.core(q_THD, k_TKD, v_TKD, attn_meta, causal=True)
+        return self.wo(out_THD.reshape(T, self.n_heads * self.head_dim))  # (T, Hq, D) -> (T, E)
 
 
 class SwiGLU(nn.Module):
@@ -70,8 +71,8 @@ class SwiGLU(nn.Module):
         self.w3 = nn.Linear(dim, ffn_dim, bias=False)  # up
         self.w2 = nn.Linear(ffn_dim, dim, bias=False)  # down
 
-    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x_TD)) * self.w3(x_TD))
+    def forward(self, x_TE: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x_TE)) * self.w3(x_TE))
 
 
 class Block(nn.Module):
@@ -82,9 +83,9 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.kernel_backend)
         self.mlp = SwiGLU(cfg.dim, cfg.ffn_dim)
 
-    def forward(self, x_TD: torch.Tensor, position_ids_T: torch.Tensor, attn_meta) -> torch.Tensor:
-        x_TD = x_TD + self.attn(self.attn_norm(x_TD), position_ids_T, attn_meta)
-        return x_TD + self.mlp(self.mlp_norm(x_TD))
+    def forward(self, x_TE: torch.Tensor, position_ids_T: torch.Tensor, attn_meta) -> torch.Tensor:
+        x_TE = x_TE + self.attn(self.attn_norm(x_TE), position_ids_T, attn_meta)
+        return x_TE + self.mlp(self.mlp_norm(x_TE))
 
 
 class TiledLossHead:
@@ -93,15 +94,15 @@ class TiledLossHead:
 
     def loss_head(
         self,
-        hidden_TD: torch.Tensor,
+        hidden_TE: torch.Tensor,
         labels_T: torch.Tensor | None,
         loss_weights_T: torch.Tensor | None,
     ) -> torch.Tensor:
-        """hidden [T, D] when `labels_T` is None, else the weighted loss sum, in tiles."""
+        """hidden [T, E] when `labels_T` is None, else the weighted loss sum, in tiles."""
         if labels_T is None:
-            return hidden_TD
+            return hidden_TE
         return linear_cross_entropy(
-            hidden_TD,
+            hidden_TE,
             self.output_weight(),
             labels_T,
             loss_weights_T,
@@ -109,9 +110,9 @@ class TiledLossHead:
             backend=self.cfg.kernel_backend,
         )
 
-    def logits(self, hidden_TD: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden_TE: torch.Tensor) -> torch.Tensor:
         """Materialised logits [T, V] (tests and inference only; training uses the tiled loss)."""
-        return hidden_TD @ self.output_weight().t()
+        return hidden_TE @ self.output_weight().t()
 
 
 class Transformer(TiledLossHead, nn.Module):
@@ -128,7 +129,7 @@ class Transformer(TiledLossHead, nn.Module):
         self.loss_tile_tokens = 4096  # tokens per loss tile (train.memory.loss_tile_tokens)
 
     def output_weight(self) -> torch.Tensor:
-        """The [V, D] output projection (the embedding when tied)."""
+        """The [V, E] output projection (the embedding when tied)."""
         return self.embed.weight if self.output is None else self.output.weight
 
     def forward(
@@ -141,15 +142,15 @@ class Transformer(TiledLossHead, nn.Module):
     ) -> torch.Tensor:
         """tokens_T, position_ids_T: int64 [T].
 
-        Without labels: hidden states [T, D] after the final norm. With `labels_T` (int64 [T],
+        Without labels: hidden states [T, E] after the final norm. With `labels_T` (int64 [T],
         -100 = not trained) and optional `loss_weights_T` (float [T]): the weighted *sum* of
         token cross-entropies (scalar), computed in tiles so [T, V] logits never exist. The
         sum, not the mean: the trainer divides by the global count of trained tokens.
         """
-        x_TD = self.embed(tokens_T)
+        x_TE = self.embed(tokens_T)
         for layer in self.layers:
-            x_TD = layer(x_TD, position_ids_T, attn_meta)
-        return self.loss_head(self.norm(x_TD), labels_T, loss_weights_T)
+            x_TE = layer(x_TE, position_ids_T, attn_meta)
+        return self.loss_head(self.norm(x_TE), labels_T, loss_weights_T)
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
@@ -185,6 +186,8 @@ def validate_model_config(cfg: ModelConfig) -> None:
     """Raise ValueError naming the offending field when the shapes do not fit together."""
     if cfg.vocab_size <= 0:
         raise ValueError(f"model.vocab_size must be positive, got {cfg.vocab_size}")
+    # The attention kernels check Hq % K on every call too; this check names the config
+    # fields and fails before any work (`longtrain.check` runs it before a launch).
     if cfg.n_heads % cfg.n_kv_heads:
         raise ValueError(
             f"model.n_heads ({cfg.n_heads}) must be a multiple of model.n_kv_heads "

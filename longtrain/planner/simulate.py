@@ -248,7 +248,7 @@ class Planner:
         handles = self._grad_hooks(model, tracker)
         handles.append(model.norm.register_forward_hook(_loss_phase(tracker)))
         try:
-            with self.fake, self._kernel_paths(), host, tracker:
+            with self.fake, private.kernels_compile_path(), host, tracker:
                 self._prefill_grads(model)
                 tracker.phase, tracker.label = "activations", "forward"
                 loss = forward_loss(model, local, self.ctx)  # the trainer's own forward

@@ -1,6 +1,7 @@
 """The attention contract on CPU: the `torch` backend (both paths) against the naive reference.
 
-Legend: T query tokens, S key tokens, H query heads, K kv heads, D head dim.
+Legend (kernels/__init__.py): T tokens (Tq queries, Tk keys), Hq query heads, K kv heads,
+D head dim.
 """
 
 import math
@@ -23,6 +24,7 @@ from kernels.attention.torch_blockwise import (
     torch_attn_bwd,
     torch_attn_fwd,
 )
+from tests.helpers import cu_seqlens
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small shapes: see tests/conftest.py
 
@@ -43,10 +45,6 @@ def _case_id(case) -> str:
     return f"q{'.'.join(map(str, lq))}-k{'.'.join(map(str, lk))}-H{H}-K{K}-D{D}"
 
 
-def _cu(lengths: list[int]) -> torch.Tensor:
-    return torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
-
-
 def _inputs(case, dtype=torch.float64, seed=0):
     lq, lk, H, K, D = case
     gen = torch.Generator().manual_seed(seed)
@@ -54,7 +52,7 @@ def _inputs(case, dtype=torch.float64, seed=0):
     k = torch.randn(sum(lk), K, D, generator=gen, dtype=torch.float64)
     v = torch.randn(sum(lk), K, D, generator=gen, dtype=torch.float64)
     dout = torch.randn(sum(lq), H, D, generator=gen, dtype=torch.float64)
-    meta = (_cu(lq), _cu(lk), max(lq), max(lk))
+    meta = (cu_seqlens(lq), cu_seqlens(lk), max(lq), max(lk))
     return [x.to(dtype) for x in (q, k, v, dout)], meta
 
 
@@ -147,10 +145,10 @@ def test_gradcheck_T9_H2_K1_D4(causal):
     q = torch.randn(sum(lq), 2, 4, generator=gen, dtype=torch.float64, requires_grad=True)
     k = torch.randn(sum(lk), 1, 4, generator=gen, dtype=torch.float64, requires_grad=True)
     v = torch.randn(sum(lk), 1, 4, generator=gen, dtype=torch.float64, requires_grad=True)
-    meta = (_cu(lq), _cu(lk), 4, 5)
+    meta = (cu_seqlens(lq), cu_seqlens(lk), 4, 5)
     if causal:  # causal Lq > Lk leaves rows without keys (lse -inf): check out alone there
         assert torch.autograd.gradcheck(lambda *x: attn_varlen(*x, *meta, True)[0], (q, k, v))
-        meta = (_cu([2, 3]), _cu([5, 3]), 3, 5)
+        meta = (cu_seqlens([2, 3]), cu_seqlens([5, 3]), 3, 5)
         q, k = q[:5].detach().requires_grad_(), k[:8].detach().requires_grad_()
         v = v[:8].detach().requires_grad_()
     assert torch.autograd.gradcheck(lambda *x: attn_varlen(*x, *meta, causal), (q, k, v))
@@ -163,7 +161,7 @@ def test_softmax_scale_and_noncontiguous_inputs(impl, lq):
     gen = torch.Generator().manual_seed(3)
     qkv = torch.randn(17, 4 + 2 + 2, 8, generator=gen, dtype=torch.float64)
     q, k, v = qkv[:, :4], qkv[:, 4:6], qkv[:, 6:]
-    meta = (_cu(lq), _cu(lq), 17, 17)
+    meta = (cu_seqlens(lq), cu_seqlens(lq), 17, 17)
     fwd, bwd = (attn_varlen_fwd, attn_varlen_bwd) if impl == "public" else IMPLS[impl]
     backend = ("torch",) if impl == "public" else ()
     out, lse = fwd(q, k, v, *meta, True, 0.3, *backend)
@@ -200,13 +198,13 @@ def test_varlen_attention_module():
 
 
 def test_resolve_backend(monkeypatch):
-    import kernels.attention as attention
+    from kernels.attention import dispatch
 
     assert resolve_backend("auto", "cpu") == "torch"
     assert resolve_backend("triton", torch.device("cpu")) == "triton"
-    monkeypatch.setattr(attention, "_HAS_FLASH_ATTN", True)
+    monkeypatch.setattr(dispatch, "_HAS_FLASH_ATTN", True)
     assert resolve_backend("auto", "cuda") == "flash_attn"
-    monkeypatch.setattr(attention, "_HAS_FLASH_ATTN", False)
+    monkeypatch.setattr(dispatch, "_HAS_FLASH_ATTN", False)
     assert resolve_backend("auto", "cuda:1") == "triton"
     with pytest.raises(ValueError, match="needs CUDA"):
         resolve_backend("flash_attn", "cpu")
@@ -228,7 +226,7 @@ def _bad(**change):
 @pytest.mark.parametrize(
     "change, message",
     [
-        (dict(q=torch.zeros(30, 2)), r"\[T, H, D\]"),
+        (dict(q=torch.zeros(30, 2)), r"\[Tq, Hq, D\]"),
         (dict(k=_zeros(25, 1, 8)), "head dim"),
         (dict(q=_zeros(30, 3, 16), k=_zeros(25, 2, 16), v=_zeros(25, 2, 16)), "of kv heads"),
         (dict(q=torch.zeros(30, 2, 16, dtype=torch.float32)), "dtype"),
@@ -278,4 +276,18 @@ def test_compile_fullgraph_aot_eager():
     # Same kernels in the same order: bit-for-bit.
     assert torch.equal(out, out_e)
     for a, b in zip(grads, grads_e):
+        assert torch.equal(a, b)
+
+
+def test_compile_fullgraph_without_autograd():
+    # attn_varlen_fwd / _bwd (what ring attention drives block by block) run as the same
+    # custom ops under torch.compile: no graph break, and bit-for-bit the eager result.
+    (q, k, v, dout), meta = _inputs(CASES[3], dtype=torch.float32)
+
+    def f(q, k, v, dout):
+        out, lse = attn_varlen_fwd(q, k, v, *meta, True, None, "torch")
+        return out, lse, *attn_varlen_bwd(dout, q, k, v, out, lse, *meta, True, None, "torch")
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v, dout)
+    for a, b in zip(compiled, f(q, k, v, dout), strict=True):
         assert torch.equal(a, b)

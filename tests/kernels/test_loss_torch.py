@@ -1,6 +1,6 @@
 """The tiled linear + cross-entropy (torch backend) against materialised logits.
 
-Legend: T tokens, D model dim, V vocabulary size.
+Legend (kernels/__init__.py): T tokens, E model width, V vocabulary size.
 """
 
 import pytest
@@ -11,20 +11,20 @@ from kernels.loss import linear_cross_entropy
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small shapes: see tests/conftest.py
 
-# (T, D, V, tile_tokens): T not a multiple of the tile, one tile, exact multiple, one token.
+# (T, E, V, tile_tokens): T not a multiple of the tile, one tile, exact multiple, one token.
 CASES = [(37, 8, 11, 8), (5, 16, 130, 4096), (64, 24, 33, 16), (1, 3, 2, 1)]
 
 
 def _case_id(case):
-    T, D, V, tile = case
-    return f"T{T}-D{D}-V{V}-tile{tile}"
+    T, E, V, tile = case
+    return f"T{T}-E{E}-V{V}-tile{tile}"
 
 
 def _inputs(case, dtype=torch.float64, seed=0):
-    T, D, V, _ = case
+    T, E, V, _ = case
     gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(T, D, generator=gen, dtype=torch.float64)
-    weight = torch.randn(V, D, generator=gen, dtype=torch.float64) / D**0.5
+    hidden = torch.randn(T, E, generator=gen, dtype=torch.float64)
+    weight = torch.randn(V, E, generator=gen, dtype=torch.float64) / E**0.5
     labels = torch.randint(0, V, (T,), generator=gen)
     labels[1::4] = -100  # every fourth token ignored
     weights = torch.rand(T, generator=gen, dtype=torch.float64)
@@ -81,7 +81,7 @@ def test_bf16_inputs_compute_in_fp32():
     assert loss.dtype == torch.float32
     assert leaves[0].grad.dtype == leaves[1].grad.dtype == torch.bfloat16
     # The bf16 values are exact in fp32, so the loss carries only fp32 rounding of the
-    # matmuls and sums (~1e-7 relative per op over D=32, V=301 terms).
+    # matmuls and sums (~1e-7 relative per op over E=32, V=301 terms).
     torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=0)
     for got, want in zip((x.grad for x in leaves), (x.grad for x in leaves64)):
         # One rounding to bf16 (2^-8 relative); atol covers fp32 noise on near-zero entries.

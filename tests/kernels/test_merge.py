@@ -1,25 +1,23 @@
 """merge_attn_partials: two partials over disjoint key sets merge into attention over the union.
 
-Legend: T query tokens, S key tokens, H query heads, K kv heads, D head dim.
+Legend (kernels/__init__.py): T tokens (Tq queries, Tk keys), Hq query heads, K kv heads,
+D head dim.
 """
 
 import pytest
 import torch
 
 from kernels.attention import attn_naive, attn_varlen, merge_attn_partials
+from tests.helpers import cu_seqlens
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small shapes: see tests/conftest.py
 
 
-def _cu(lengths: list[int]) -> torch.Tensor:
-    return torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
-
-
-def _split_keys(x_SKD, lk, cut):
+def _split_keys(x_TKD, lk, cut):
     """Per document b, keys [0, cut[b]) go to side a and the rest to side b."""
     starts = [0, *torch.tensor(lk).cumsum(0).tolist()]
-    a = [x_SKD[s : s + c] for s, c in zip(starts, cut)]
-    b = [x_SKD[s + c : e] for s, c, e in zip(starts, cut, starts[1:])]
+    a = [x_TKD[s : s + c] for s, c in zip(starts, cut)]
+    b = [x_TKD[s + c : e] for s, c, e in zip(starts, cut, starts[1:])]
     return torch.cat(a), torch.cat(b)
 
 
@@ -45,13 +43,13 @@ def test_full_attention_halves_merge_to_whole_with_grads(case):
     v = torch.randn(sum(lk), K, D, generator=gen, dtype=torch.float64, requires_grad=True)
     dout = torch.randn(sum(lq), H, D, generator=gen, dtype=torch.float64)
     (k_a, k_b), (v_a, v_b) = _split_keys(k, lk, cut), _split_keys(v, lk, cut)
-    cu_q, rest = _cu(lq), [n - c for n, c in zip(lk, cut)]
-    out_a, lse_a = attn_varlen(q, k_a, v_a, cu_q, _cu(cut), max(lq), max(cut), False)
-    out_b, lse_b = attn_varlen(q, k_b, v_b, cu_q, _cu(rest), max(lq), max(rest), False)
+    cu_q, rest = cu_seqlens(lq), [n - c for n, c in zip(lk, cut)]
+    out_a, lse_a = attn_varlen(q, k_a, v_a, cu_q, cu_seqlens(cut), max(lq), max(cut), False)
+    out_b, lse_b = attn_varlen(q, k_b, v_b, cu_q, cu_seqlens(rest), max(lq), max(rest), False)
     assert lse_a.isneginf().any() or lse_b.isneginf().any()  # the case has an empty side
     out, lse = merge_attn_partials(out_a, lse_a, out_b, lse_b)
     grads = torch.autograd.grad(out, (q, k, v), dout)
-    ref_out, ref_lse = attn_naive(q, k, v, cu_q, _cu(lk), False)
+    ref_out, ref_lse = attn_naive(q, k, v, cu_q, cu_seqlens(lk), False)
     ref_grads = torch.autograd.grad(ref_out, (q, k, v), dout)
     # float64; a handful of exp/log steps separate the two: ~1e-15, far below 1e-12.
     torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-12)
@@ -71,10 +69,10 @@ def test_causal_prefix_and_square_merge_to_bottom_right_causal():
     v = torch.randn(19, 3, 8, generator=gen, dtype=torch.float64)
     cut = [n - m for n, m in zip(lk, lq)]
     (k_a, k_b), (v_a, v_b) = _split_keys(k, lk, cut), _split_keys(v, lk, cut)
-    out_a, lse_a = attn_varlen(q, k_a, v_a, _cu(lq), _cu(cut), 6, 9, False)
-    out_b, lse_b = attn_varlen(q, k_b, v_b, _cu(lq), _cu(lq), 6, 6, True)
+    out_a, lse_a = attn_varlen(q, k_a, v_a, cu_seqlens(lq), cu_seqlens(cut), 6, 9, False)
+    out_b, lse_b = attn_varlen(q, k_b, v_b, cu_seqlens(lq), cu_seqlens(lq), 6, 6, True)
     out, lse = merge_attn_partials(out_a, lse_a, out_b, lse_b)
-    ref_out, ref_lse = attn_naive(q, k, v, _cu(lq), _cu(lk), True)
+    ref_out, ref_lse = attn_naive(q, k, v, cu_seqlens(lq), cu_seqlens(lk), True)
     # float64, reassociation only.
     torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-12)
     torch.testing.assert_close(lse, ref_lse, rtol=0, atol=1e-12)
@@ -115,7 +113,7 @@ def test_dtypes_and_shapes():
     assert out64.dtype == lse64.dtype == torch.float64
     # The float32 math of the bf16 merge differs from float64 only by bf16 output rounding.
     torch.testing.assert_close(out.double(), out64, rtol=2**-8, atol=0)
-    with pytest.raises(ValueError, match=r"\[H, T\]"):
+    with pytest.raises(ValueError, match=r"\[Hq, T\]"):
         merge_attn_partials(out_a, lse_a.t(), out_b, lse_b)
     with pytest.raises(ValueError, match=r"\(3, 2, 4\) and \(3, 2, 5\)"):
         merge_attn_partials(out_a, lse_a, torch.zeros(3, 2, 5), lse_b)

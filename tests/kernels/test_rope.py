@@ -1,13 +1,29 @@
-"""RoPE: the torch reference's defining properties and the backend choice (no Triton here;
-the Triton kernel is tested in tests/kernels/triton/test_triton_rope.py).
+"""RoPE: the torch reference against an independent formula (complex rotation), its defining
+properties, and the backend choice (no Triton here; the Triton kernel is tested in
+tests/kernels/triton/test_triton_rope.py).
 
-Legend: T tokens, H heads, D head dim.
+Legend (kernels/__init__.py): T tokens, H heads, D head dim.
 """
 
 import pytest
 import torch
 
 from kernels.rope import apply_rope, rope_naive
+from tests.kernels.references import rope_complex
+
+
+@pytest.mark.parametrize("theta", [1e4, 5e5], ids=["theta1e4", "theta5e5"])
+def test_matches_complex_rotation(theta):
+    """rope_naive is the complex rotation of each (i, i + D/2) pair, in float64, with positions
+    that restart per document and reach a later stage's offsets."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(23, 3, 40, generator=gen, dtype=torch.float64)
+    pos = torch.cat([torch.arange(5), torch.arange(11), 2000 + torch.arange(7)])
+    # Angles up to ~2e3 rad carry float64 error ~2e3 * 2.2e-16 ~ 5e-13 in either formula
+    # (their inv_freq exponents round differently), and |x| < 6: outputs agree to ~3e-12.
+    torch.testing.assert_close(
+        rope_naive(x, pos, theta), rope_complex(x, pos, theta), rtol=0, atol=1e-11
+    )
 
 
 def test_position_zero_is_identity():

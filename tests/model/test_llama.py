@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from kernels.attention import VarlenMeta
 from longtrain.config import ModelConfig
 from longtrain.model import build_model, param_count
+from tests.helpers import cu_seqlens
 
 CFG = ModelConfig(
     vocab_size=61,
@@ -23,8 +24,7 @@ CFG = ModelConfig(
 
 
 def _meta(lengths):
-    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-    cu[1:] = torch.cumsum(torch.tensor(lengths), 0)
+    cu = cu_seqlens(lengths)
     return VarlenMeta(cu, cu, max(lengths), max(lengths))
 
 

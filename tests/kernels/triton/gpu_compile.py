@@ -45,7 +45,8 @@ def _specs(all_configs: bool):
     import triton.language as tl
     from triton.runtime.autotuner import Autotuner
 
-    from kernels.attention import triton_attn_kernels as A
+    from kernels.attention import triton_attn_bwd_kernels as B
+    from kernels.attention import triton_attn_fwd_kernels as A
     from kernels.attention import triton_merge as M
     from kernels.loss import triton_ce as C
     from kernels.norm import triton_norm as N
@@ -56,8 +57,8 @@ def _specs(all_configs: bool):
     cu = {"cu_q_ptr": "*i32", "cu_k_ptr": "*i32"}
     attn = [
         (A.attn_fwd_kernel, {"lse_ptr": f32, **cu}),
-        (A.attn_bwd_dq_kernel, {**stats, **cu}),
-        (A.attn_bwd_dkdv_kernel, {**stats, **cu}),
+        (B.attn_bwd_dq_kernel, {**stats, **cu}),
+        (B.attn_bwd_dkdv_kernel, {**stats, **cu}),
     ]
     for kernel, ptrs in attn:
         tuned = isinstance(kernel, Autotuner)
@@ -80,7 +81,7 @@ def _specs(all_configs: bool):
     if all_configs:
         return
     const = {"HAS_DLSE": True, "BLOCK_M": 64, "BLOCK_D": 128}
-    fn = A.attn_bwd_preprocess_kernel
+    fn = B.attn_bwd_preprocess_kernel
     yield fn.__name__, fn, _signature(fn, stats, (), const), const, 4, 1
     lse = {"lse_a_ptr": f32, "lse_b_ptr": f32, "lse_ptr": f32, "dlse_ptr": f32}
     lse.update({"dlse_a_ptr": f32, "dlse_b_ptr": f32})
@@ -88,10 +89,10 @@ def _specs(all_configs: bool):
         const = {"COMPUTE": tl.float32, "BLOCK_T": 16, "BLOCK_D": 128}
         yield fn.__name__, fn, _signature(fn, lse, (), const), const, 4, 1
     fn = R.rope_kernel
-    const = {"INVERSE": False, "BLOCK_T": 4, "BLOCK_H": 16, "BLOCK_F": 64}
+    const = {"INVERSE": False, "BLOCK_T": 4, "BLOCK_H": 16, "BLOCK_D2": 64}
     ptrs = {"pos_ptr": "*i64", "inv_freq_ptr": f32}
     yield fn.__name__, fn, _signature(fn, ptrs, (), const), const, 4, 1
-    const = {"BLOCK_T": 1, "BLOCK_D": 4096}
+    const = {"BLOCK_T": 1, "BLOCK_E": 4096}
     fn = N.rms_norm_fwd_kernel
     yield fn.__name__, fn, _signature(fn, {"rstd_ptr": f32}, ("eps",), const), const, 8, 1
     fn = N.rms_norm_bwd_kernel

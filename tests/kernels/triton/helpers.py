@@ -1,6 +1,6 @@
 """Shared pieces of the Triton kernel tests: device, document layouts, the 2x error rule.
 
-Legend: T query tokens, S key tokens, H query heads, K key/value heads, D head dim.
+Legend (kernels/__init__.py): T tokens, Hq query heads, K key/value heads, D head dim.
 """
 
 import torch
@@ -9,11 +9,6 @@ from kernels._triton_utils import is_interpreting
 
 # Under the interpreter kernels take CPU tensors; on a GPU machine they run compiled on CUDA.
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and not is_interpreting() else "cpu")
-
-
-def cu_seqlens(lengths: list[int]) -> torch.Tensor:
-    """[0, l0, l0 + l1, ...] as int32 on DEVICE."""
-    return torch.tensor([0, *lengths]).cumsum(0).to(torch.int32).to(DEVICE)
 
 
 def max_err(x: torch.Tensor, ref: torch.Tensor) -> float:

@@ -1,7 +1,8 @@
 """The flash-attn adapter against the float64 reference (GPU only: skipped without CUDA or
 without the flash-attn package).
 
-Legend: T query tokens, S key tokens, H query heads, K key/value heads, D head dim.
+Legend (kernels/__init__.py): T tokens (Tq queries, Tk keys), Hq query heads, K key/value
+heads, D head dim.
 Same 2x rule as the Triton kernels (helpers.assert_2x), the comparator being our Triton
 kernels in the same dtype on the same GPU: flash-attn and they implement one contract.
 """
@@ -11,6 +12,7 @@ import math
 import pytest
 import torch
 
+from tests.helpers import cu_seqlens
 from tests.kernels.triton.helpers import assert_2x
 
 pytestmark = pytest.mark.gpu
@@ -31,11 +33,7 @@ CASES = [  # (query lengths, key lengths, H, K, D)
 
 def _id(case):
     lq, lk, H, K, D = case
-    return f"T{sum(lq)}-S{sum(lk)}-H{H}-K{K}-D{D}"
-
-
-def _cu(lengths):
-    return torch.tensor([0, *lengths]).cumsum(0).to(torch.int32).cuda()
+    return f"Tq{sum(lq)}-Tk{sum(lk)}-H{H}-K{K}-D{D}"
 
 
 def _run(backend, q, k, v, dout, meta, causal):
@@ -57,7 +55,7 @@ def test_matches_reference(case, causal, dtype):
     k = torch.randn(sum(lk), K, D, device="cuda", dtype=torch.float64, generator=gen)
     v = torch.randn(sum(lk), K, D, device="cuda", dtype=torch.float64, generator=gen)
     dout = torch.randn_like(q)
-    meta = (_cu(lq), _cu(lk), max(lq), max(lk))
+    meta = (cu_seqlens(lq, device="cuda"), cu_seqlens(lk, device="cuda"), max(lq), max(lk))
     ref = _run("naive", q, k, v, dout, meta, causal)
     low = [x.to(dtype) for x in (q, k, v, dout)]
     got = _run("flash_attn", *low, meta, causal)
@@ -71,7 +69,7 @@ def test_fully_masked_rows():
     q = torch.randn(9, 2, 64, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(6, 1, 64, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
-    cu_q, cu_k = _cu([4, 3, 2]), _cu([1, 0, 5])
+    cu_q, cu_k = cu_seqlens([4, 3, 2], device="cuda"), cu_seqlens([1, 0, 5], device="cuda")
     out, lse = flash_attn_fwd(q, k, v, cu_q, cu_k, 4, 5, causal=True)
     masked = torch.tensor([1, 1, 1, 0, 1, 1, 1, 0, 0], dtype=torch.bool, device="cuda")
     assert torch.equal(out[masked], torch.zeros_like(out[masked]))

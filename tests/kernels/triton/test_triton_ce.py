@@ -1,12 +1,13 @@
 """Triton fused linear + cross-entropy against materialised logits and F.cross_entropy.
 
-Legend: T tokens, D model dim, V vocabulary. Reference: float64 logits [T, V] materialised,
-`F.cross_entropy(reduction="none")` times the token weights, summed; gradients by autograd
-for hidden, weight and the token weights. In float64 the fused path computes the same sums
-in another order, so it agrees to float64 rounding. In float32 / float16 the 2x rule holds
-against the project's torch path (`linear_cross_entropy(backend="torch")`, float32 math) in
-the same dtype. V = 1500 is more than one vocab block (1024) and not a multiple of it;
-tile_tokens = 16 cuts T into several tiles and a partial one.
+Legend (kernels/__init__.py): T tokens, E model width, V vocabulary. Reference: float64
+logits [T, V] materialised, `F.cross_entropy(reduction="none")` times the token weights,
+summed; gradients by autograd for hidden, weight and the token weights. In float64 the fused
+path computes the same sums in another order, so it agrees to float64 rounding. In float32 /
+float16 the 2x rule holds against the project's torch path
+(`linear_cross_entropy(backend="torch")`, float32 math) in the same dtype. V = 1500 is more
+than one vocab block (1024) and not a multiple of it; tile_tokens = 16 cuts T into several
+tiles and a partial one.
 """
 
 import itertools
@@ -24,10 +25,10 @@ from tests.kernels.triton.helpers import DEVICE, assert_2x
 IGNORE = -100
 
 
-def _inputs(T: int, D: int, V: int, seed: int = 0):
+def _inputs(T: int, E: int, V: int, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(T, D, generator=gen, dtype=torch.float64)
-    weight = 0.3 * torch.randn(V, D, generator=gen, dtype=torch.float64)
+    hidden = torch.randn(T, E, generator=gen, dtype=torch.float64)
+    weight = 0.3 * torch.randn(V, E, generator=gen, dtype=torch.float64)
     labels = torch.randint(0, V, (T,), generator=gen)
     labels[::5] = IGNORE
     token_weights = torch.rand(T, generator=gen, dtype=torch.float64)
@@ -77,8 +78,8 @@ def test_float64_equals_materialised():
         torch.testing.assert_close(g.cpu(), r, rtol=1e-12, atol=1e-12, msg=name)
 
 
-def _check(T, D, V, dtype):
-    inputs = _inputs(T, D, V)
+def _check(T, E, V, dtype):
+    inputs = _inputs(T, E, V)
     ref = _run(_materialised, inputs, torch.float64)
     same_dtype = _run(_torch_tiled, inputs, dtype)
     got = _run(_fused, inputs, dtype, DEVICE)
@@ -97,8 +98,8 @@ SLOW = [
 ]
 
 
-def _id(T, D, V, dtype):
-    return f"T{T}-D{D}-V{V}-{str(dtype)[6:]}"
+def _id(T, E, V, dtype):
+    return f"T{T}-E{E}-V{V}-{str(dtype)[6:]}"
 
 
 @pytest.mark.parametrize("case", FAST, ids=[_id(*c) for c in FAST])

@@ -1,6 +1,6 @@
 """Triton LSE merge of two attention partials against the torch `merge_attn_partials`.
 
-Legend: T query tokens, H query heads, D head dim.
+Legend (kernels/__init__.py): T query tokens, Hq query heads (H in names), D head dim.
 Reference: the torch merge on float64 inputs (it computes in float64 then). Same-dtype
 comparator: the torch merge on the same low-precision inputs. The merge has no `tl.dot`, so
 bfloat16 is right in the interpreter too.

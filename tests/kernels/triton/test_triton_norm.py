@@ -1,8 +1,9 @@
 """Triton RMSNorm (forward and backward) against the float64 torch reference.
 
-Legend: T tokens, D model dim. Reference: `rms_norm_naive` on float64 inputs. Same-dtype
-comparator: `rms_norm_naive` on the same low-precision inputs (it normalises in float32, as
-the kernel does). No `tl.dot` here, so bfloat16 is right in the interpreter too.
+Legend (kernels/__init__.py): T tokens, E model width. Reference: `rms_norm_naive` on float64
+inputs. Same-dtype comparator: `rms_norm_naive` on the same low-precision inputs (it
+normalises in float32, as the kernel does). No `tl.dot` here, so bfloat16 is right in the
+interpreter too.
 """
 
 import itertools
@@ -44,19 +45,19 @@ def _check(shape, dtype):
         assert_2x(name, g, s, r)
 
 
-# [T, D] and [B, T, D]; T = 130 with D = 16 spans several row blocks and all 4 programs.
+# [T, E] and [S, T, E]; T = 130 with E = 16 spans several row blocks and all 4 programs.
 FAST = [((63, 40), torch.float32), ((2, 17, 64), torch.bfloat16)]
 SLOW = [
-    ((T, D), dtype)
-    for T, D, dtype in itertools.product(
+    ((T, E), dtype)
+    for T, E, dtype in itertools.product(
         [1, 17, 63, 130], [16, 40, 64], [torch.float32, torch.float16, torch.bfloat16]
     )
-    if ((T, D), dtype) not in FAST
+    if ((T, E), dtype) not in FAST
 ]
 
 
 def _id(shape, dtype):
-    return "-".join(f"{k}{n}" for k, n in zip("BTD"[-len(shape) :], shape)) + f"-{str(dtype)[6:]}"
+    return "-".join(f"{k}{n}" for k, n in zip("STE"[-len(shape) :], shape)) + f"-{str(dtype)[6:]}"
 
 
 @pytest.mark.parametrize("case", FAST, ids=[_id(*c) for c in FAST])

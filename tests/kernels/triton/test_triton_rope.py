@@ -1,9 +1,11 @@
 """Triton RoPE (forward and backward) against the float64 torch reference.
 
-Legend: T tokens, H heads, D head dim. Reference: `rope_naive` on float64 inputs (float64
-angles). Same-dtype comparator: `rope_naive` on the same low-precision inputs. No `tl.dot`
-here, so bfloat16 is right in the interpreter too. Positions restart per document and reach
-~10^4, where float32 angles already lose digits: both implementations form the angle the same
+Legend (kernels/__init__.py): T tokens, H heads, D head dim. Reference: RoPE as complex
+multiplication in float64 (`tests.kernels.references.rope_complex`, no code shared with the
+kernel; the forward's reference, and its transpose, by autograd, the backward's).
+Same-dtype comparator: `rope_naive` on the same low-precision inputs. No `tl.dot` here, so
+bfloat16 is right in the interpreter too. Positions restart per document and reach ~10^4,
+where float32 angles already lose digits: the kernel and `rope_naive` form the angle the same
 way (float32 position x float32 inv_freq), so they share that error.
 """
 
@@ -16,6 +18,7 @@ pytest.importorskip("triton")
 
 from kernels.rope import apply_rope, rope_naive
 from kernels.rope.triton_rope import rope_triton
+from tests.kernels.references import rope_complex
 from tests.kernels.triton.helpers import DEVICE, assert_2x
 
 
@@ -39,7 +42,7 @@ def _run(fn, x, dy, position_ids, theta):
 
 def _check(T, H, D, dtype, theta=10000.0):
     x, dy, pos = _inputs(T, H, D)
-    ref = _run(rope_naive, x, dy, pos, theta)
+    ref = _run(rope_complex, x, dy, pos, theta)
     same_dtype = _run(rope_naive, x.to(dtype), dy, pos, theta)
     got = _run(rope_triton, x.to(DEVICE, dtype), dy.to(DEVICE), pos.to(DEVICE), theta)
     for name, g, s, r in zip(("y", "dx"), got, same_dtype, ref):
