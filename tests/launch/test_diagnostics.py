@@ -158,7 +158,7 @@ def test_watchdog_stops_every_rank_of_a_stuck_step(tmp_path, capfd):
     out = capfd.readouterr()
     text = out.out + out.err
     stuck = re.search(r"rank 1 step 2 made no progress for (\d+\.\d) s during forward.*\n", text)
-    assert stuck and float(stuck.group(1)) > 2.0, text  # only past the 2 s limit
+    assert stuck and float(stuck.group(1)) >= 2.0, text  # not before the 2 s limit
     assert "time.sleep(60)" in text[stuck.end() :]
     # Rank 0 reports either its own watchdog or the error of its peer's exit; both name the
     # step and the operation.
