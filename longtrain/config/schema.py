@@ -38,7 +38,9 @@ class ModelConfig:
     norm_eps: float = 1e-5  # RMSNorm epsilon
     tie_embeddings: bool = False  # share the input embedding with the output projection
     init_std: float = 0.02  # normal init of weights; output projections scaled by depth
-    dtype: str = "float32"  # float32 | bfloat16 (autocast, fp32 master weights) | float64 (CPU)
+    # float32 | bfloat16 (bf16 compute and activations over fp32 master weights and optimizer
+    # state: longtrain/distributed/precision.py) | float64 (CPU, the exact reference path)
+    dtype: str = "float32"
     attn_backend: str = "auto"  # attention backend: auto | torch | triton | flash_attn
     kernel_backend: str = "auto"  # RoPE / RMSNorm / loss kernels: auto | torch | triton
     path: str = ""  # Hugging Face model directory (model=hf only)

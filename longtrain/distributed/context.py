@@ -15,6 +15,7 @@ class StepContext:
     dtype: str  # float32 | bfloat16 | float64
     grad_clip: float | None  # max global grad norm; 0 or None: no clipping
     pad_id: int
+    autocast: bool = False  # bf16 autocast over float32 parameters (distributed.precision)
     dims: object | None = None  # parallel.ParallelDims when sequence parallel
     parallel_cfg: object | None = None
     dp_group: object | None = None  # process group over which batches differ

@@ -6,8 +6,9 @@ How it fits the trainer:
 
 - The model arrives parallelised from outside (sequence parallel, memory stack) and not
   sharded; DeepSpeed shards it over every rank (dp x sp ranks all hold the same weights,
-  as with FSDP2). Parameters stay float32 (float64 on CPU tests); bf16 compute comes from
-  the trainer's autocast, so DeepSpeed runs without its own bf16/fp16 section.
+  as with FSDP2). float32 / float64 runs keep the module in that dtype. model.dtype=bfloat16
+  enables DeepSpeed's `bf16` section: the module computes in bf16, ZeRO keeps the float32
+  master weights and optimizer state (`longtrain.distributed.precision`).
 - The optimizer is ours (`longtrain.trainer.optimizer.build_optimizer`: AdamW, decay on
   matrices only) and so is the learning-rate schedule: the scheduler steps the client
   optimizer's groups, which ZeRO keeps.
@@ -72,7 +73,14 @@ def deepspeed_config(cfg: RunConfig, world_size: int, block_numel: int, on_cuda:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_cuda}
     if ds.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": on_cuda}
+    precision = {}
+    if cfg.model.dtype == "bfloat16":
+        precision["bf16"] = {"enabled": True}
+        if ds.zero_stage == 1 and not ds.offload_optimizer:
+            # ZeRO-1's bf16 optimizer accumulates micro-batch gradients in float32.
+            precision["data_types"] = {"grad_accum_dtype": "fp32"}
     return {
+        **precision,
         "train_batch_size": world_size,  # nominal: batching is ours (see the module docstring)
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,

@@ -1,6 +1,7 @@
 """Apply parallelism to a model from outside, in torchtitan's fixed order:
 
-    sequence parallel (swap attention) -> activation checkpointing -> compile -> FSDP2
+    (bf16 embedding cast) -> sequence parallel (swap attention) -> activation checkpointing
+    -> compile -> FSDP2 (bf16 gathers, float32 reductions for model.dtype=bfloat16)
 
 The model file never mentions ranks; everything here wraps or swaps its modules.
 """
@@ -15,6 +16,7 @@ from longtrain.distributed.context import StepContext
 from longtrain.distributed.env import DistEnv
 from longtrain.distributed.fsdp2 import apply_fsdp2
 from longtrain.distributed.memory import apply_memory
+from longtrain.distributed.precision import cast_embedding_output, uses_autocast
 
 
 def resolve_degrees(cfg: RunConfig, world_size: int) -> tuple[int, int]:
@@ -58,12 +60,15 @@ def describe_layout(cfg: RunConfig, env: DistEnv, dims) -> str:
 
 
 def apply_model_stack(model: nn.Module, dims, cfg: RunConfig, offload_device: str = "cpu") -> None:
-    """Steps 1-2 of `parallelize`, in place: sequence parallelism and the memory stack. The
-    planner runs exactly this on its fake model (compile changes no saved state; the engine's
-    state it models apart).
+    """Steps 0-2 of `parallelize`, in place: the bf16 embedding cast, sequence parallelism and
+    the memory stack. The planner runs exactly this on its fake model (compile changes no
+    saved state; the engine's state it models apart).
 
     `offload_device`: where offloaded block inputs wait ("cpu", pinned on CUDA; the planner
     passes "meta": host memory it counts apart)."""
+    # 0. bf16 autocast runs: the residual stream starts in bf16 (longtrain.distributed.precision).
+    if cfg.model.dtype == "bfloat16":
+        cast_embedding_output(model)
     # 1. Sequence parallelism: swap every VarlenAttention for its sequence-parallel version.
     if dims is not None and dims.sp_size > 1:
         parallel.apply(model, dims, cfg.parallel)
@@ -78,6 +83,7 @@ def step_context(cfg: RunConfig, env: DistEnv, dims, pad_id: int) -> StepContext
     return StepContext(
         device=env.device,
         dtype=cfg.model.dtype,
+        autocast=uses_autocast(cfg.model.dtype, cfg.train.engine, env.world_size),
         grad_clip=cfg.optim.grad_clip,
         pad_id=pad_id,
         dims=dims if sp else None,
@@ -92,14 +98,14 @@ def parallelize(model: nn.Module, dims, cfg: RunConfig, env: DistEnv, pad_id: in
     """Apply the configured parallelism to `model` in place; returns (model, StepContext).
 
     `pad_id` fills the padding that sequence-parallel sharding adds (never trained on)."""
-    apply_model_stack(model, dims, cfg)  # steps 1-2
+    apply_model_stack(model, dims, cfg)  # steps 0-2
     # 3. Compile each block, so graph breaks stay local.
     if cfg.train.compile:
         for block in model.layers:
             block.compile()
     # 4. FSDP2 over every rank: dp x sp ranks all hold replicas of the same weights.
     if env.world_size > 1 and cfg.train.engine == "fsdp2":
-        apply_fsdp2(model, env, cfg.train.memory.cpu_offload)
+        apply_fsdp2(model, env, cfg.train.memory.cpu_offload, cfg.model.dtype)
     return model, step_context(cfg, env, dims, pad_id)
 
 

@@ -23,8 +23,9 @@ def build_model(
 ) -> Transformer | HFCausalLM:
     """Build and deterministically initialise the model (weights identical on every rank).
 
-    Parameters stay float32 for bfloat16 runs (autocast does the casting); float64 runs
-    hold float64 parameters. `cfg.name == "hf"`: the Hugging Face model of `cfg.path`
+    Parameters are the master weights: float32 for bfloat16 runs (the engine or autocast
+    computes in bf16: longtrain.distributed.precision), float64 for float64 runs.
+    `cfg.name == "hf"`: the Hugging Face model of `cfg.path`
     (see longtrain.model.hf).
     """
     if cfg.name == "hf":

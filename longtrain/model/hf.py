@@ -214,9 +214,9 @@ def build_hf_model(cfg: ModelConfig, seed: int, device: torch.device | str = "cp
     """Build the model of `cfg.path` (weights when present, else a random init from `seed`,
     identical on every rank), with `longtrain_varlen` attention.
 
-    Parameters are float32 (bfloat16 runs autocast) or float64 for float64 runs, as for our
-    own model. Raises ValueError when `cfg` disagrees with config.json or the checkpoint lacks
-    weights the model needs.
+    Parameters are float32 (the master weights of bfloat16 runs) or float64 for float64 runs,
+    as for our own model. Raises ValueError when `cfg` disagrees with config.json or the
+    checkpoint lacks weights the model needs.
     """
     from transformers import AutoModelForCausalLM
 

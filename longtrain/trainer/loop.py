@@ -21,6 +21,7 @@ from longtrain.config.rules import validate_run_config
 from longtrain.distributed import DistEnv, barrier
 from longtrain.distributed.deepspeed_zero import build_deepspeed
 from longtrain.distributed.parallelize import build_parallel_dims, describe_layout, parallelize
+from longtrain.distributed.precision import check_bf16_device, describe_precision
 from longtrain.errors import NonFiniteError, RunInterrupted
 from longtrain.model import build_model, train_flops
 from longtrain.model.llama import set_rope_theta
@@ -68,6 +69,7 @@ def start(cfg: RunConfig, run_dir: Path, env: DistEnv) -> Session:
     """Check the config, agree on the run directory, open the data, build and parallelise
     the model, and resume when asked. The order fixes what every RNG draw is used for."""
     validate_run_config(cfg, env.world_size)
+    check_bf16_device(cfg.model.dtype, env.device)
     torch.manual_seed(cfg.train.seed)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -78,6 +80,7 @@ def start(cfg: RunConfig, run_dir: Path, env: DistEnv) -> Session:
     if env.is_main:
         save_resolved_config(cfg, run_dir)
         print(describe_layout(cfg, env, dims), flush=True)
+        print(describe_precision(cfg.model.dtype, cfg.train.engine, env.world_size), flush=True)
 
     model = build_model(cfg.model, seed=cfg.train.seed, device=env.device)
     model, step_ctx = parallelize(model, dims, cfg, env, pad_id=store.pad_id)

@@ -4,7 +4,6 @@ loss, backward, clip, update. The loss is a sum over trained tokens divided by t
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from kernels.attention import VarlenMeta
 from longtrain.data.batch import IGNORE_INDEX, PackedBatch
 from longtrain.distributed import all_reduce_sum
 from longtrain.distributed.context import StepContext
+from longtrain.distributed.precision import autocast_context
 from longtrain.model.flops import causal_pairs
 
 
@@ -65,20 +65,15 @@ def shard_micro_batch(mb: PackedBatch, ctx: StepContext) -> LocalBatch:
     )
 
 
-def autocast_context(device: torch.device, dtype: str):
-    if dtype == "bfloat16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def _no_mark(op: str) -> None:
     """The default progress mark: records nothing."""
 
 
 def forward_loss(model: nn.Module, local: LocalBatch, ctx: StepContext) -> torch.Tensor:
     """The weighted sum of token losses of this rank's part of a micro-batch (a scalar), in
-    the run's precision (bf16 autocast when model.dtype=bfloat16). The planner runs it too."""
-    with autocast_context(ctx.device, ctx.dtype):
+    the run's precision (`longtrain.distributed.precision`: bf16 parameters from the engine,
+    or bf16 autocast over float32 ones). The planner runs it too."""
+    with autocast_context(ctx.device, ctx.autocast):
         return model(
             local.tokens, local.position_ids, local.attn_meta, local.labels, local.loss_weights
         )

@@ -13,9 +13,10 @@ import torch
 from longtrain.config import ModelConfig, RunConfig
 from longtrain.data.batch import PackedBatch, build_batch
 from longtrain.data.packing import best_fit
+from longtrain.distributed.precision import autocast_context
 from longtrain.model import build_model
 from longtrain.trainer.optimizer import build_optimizer, build_scheduler
-from longtrain.trainer.step import StepContext, autocast_context, shard_micro_batch, train_step
+from longtrain.trainer.step import StepContext, shard_micro_batch, train_step
 
 VOCAB = 61
 PAD_ID = 0
@@ -94,7 +95,7 @@ def deepspeed_step(run, scheduler, micro_batches: list[PackedBatch], ctx: StepCo
     loss_sum = torch.zeros((), dtype=torch.float64)
     for mb in micro_batches:
         local = shard_micro_batch(mb, ctx)
-        with autocast_context(ctx.device, ctx.dtype):
+        with autocast_context(ctx.device, ctx.autocast):
             mb_loss = run.engine(
                 local.tokens, local.position_ids, local.attn_meta, local.labels, local.loss_weights
             )
