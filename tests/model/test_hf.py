@@ -325,3 +325,27 @@ def test_sequence_parallel_losses_equal_one_process(tmp_path, hf_dirs, hf_corpus
     assert f"{method}=2" in two.stdout  # the layout line: the run really was parallel
     # float64: SP only reassociates attention sums (and the loss sum over ranks).
     assert read_losses(tmp_path / "two") == pytest.approx(read_losses(one), rel=1e-10)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_bf16_under_fsdp2_follows_float64(tmp_path, hf_dirs, hf_corpus):
+    """model=hf with model.dtype=bfloat16 over 2 processes (Ulysses 2, FSDP2 gathering bf16
+    weights; longtrain.distributed.precision) trains along the float64 run of one process."""
+    common = [
+        "model=hf",
+        f"model.path={hf_dirs['qwen2']}",
+        *RUN,
+        f"data.source=dir:{hf_corpus}",
+        f"data.store_dir={tmp_path / 'store'}",
+        "train.steps=3",
+        "train.ckpt_final=false",
+    ]
+    exact = train(load_config(common), tmp_path / "f64")
+    bf16 = [*common, "model.dtype=bfloat16", "model.attn_backend=auto", "model.kernel_backend=auto"]
+    two = run_torchrun([*bf16, "parallel=ulysses", f"hydra.run.dir={tmp_path / 'bf16'}"])
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "FSDP2 gathers bf16" in two.stdout  # the precision line: the engine casts
+    # bf16 keeps 8 mantissa bits: per-op rounding ~2^-9 relative, averaged over the step's
+    # tokens; 2e-2 on losses of ~5.7 leaves room, while an untrained or diverged run is far off.
+    assert read_losses(tmp_path / "bf16") == pytest.approx(read_losses(exact), rel=2e-2)
