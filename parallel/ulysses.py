@@ -25,6 +25,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from kernels.precision import acc_dtype
 from parallel.comm import all_to_all
 from parallel.comm_stats import CommStats
 from parallel.dims import check_qkv, check_ulysses_heads
@@ -46,8 +47,10 @@ def _kv_grad_from_dest(d_TPKD: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     if num_kv_heads % P == 0:
         return d_TPKD.reshape(T, num_kv_heads, D)
     index = torch.arange(P, device=d_TPKD.device) * num_kv_heads // P
-    d_TKD = d_TPKD.new_zeros((T, num_kv_heads, D))
-    return d_TKD.index_add_(1, index, d_TPKD[:, :, 0])
+    # Summed in the accumulator dtype (float32 for bf16): three or more copies of a head
+    # would otherwise add a bf16 rounding per copy.
+    d_TKD = d_TPKD.new_zeros((T, num_kv_heads, D), dtype=acc_dtype(d_TPKD.dtype))
+    return d_TKD.index_add_(1, index, d_TPKD[:, :, 0].to(d_TKD.dtype)).to(d_TPKD.dtype)
 
 
 class _SeqToHeads(torch.autograd.Function):

@@ -194,7 +194,6 @@ def _deepspeed_worker(rank: int, world_size: int) -> dict:
     return out
 
 
-@pytest.mark.slow
 @pytest.mark.distributed
 def test_deepspeed_bf16_section_keeps_float32_masters():
     pytest.importorskip("deepspeed")
