@@ -7,7 +7,13 @@ import importlib
 import sys
 import traceback
 
-BENCHMARKS = ["bench.packing", "bench.kernels", "bench.sp_attention", "bench.memory"]
+BENCHMARKS = [
+    "bench.packing",
+    "bench.kernels",
+    "bench.sp_attention",
+    "bench.alst",
+    "bench.memory",
+]
 
 
 def main() -> int:
