@@ -44,14 +44,51 @@ def _one_of(key: str, value, choices: tuple) -> None:
         raise ConfigError(f"{key}={value!r}; expected one of {', '.join(map(str, choices))}")
 
 
-def check_memory(m: MemoryConfig) -> None:
-    """The memory stack (`train.memory`)."""
-    _one_of("train.memory.activation_checkpoint", m.activation_checkpoint, AC_MODES)
-    if m.offload_activations and m.activation_checkpoint == "none":
+def _offload_value(value) -> bool | int | float:
+    """`train.memory.offload_activations` as a bool, an int >= 0 or a float in [0, 1]."""
+    key = "train.memory.offload_activations"
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        _at_least(key, value, 0, " (a count of blocks)")
+        return value
+    if isinstance(value, float):
+        if not 0 <= value <= 1:  # also refuses nan
+            raise ConfigError(f"{key}={value} must be a fraction of the blocks in [0, 1]")
+        return value
+    raise ConfigError(
+        f"{key}={value!r}; expected true, false, a count of blocks (int) or a fraction (float)"
+    )
+
+
+def offloaded_blocks(m: MemoryConfig, n_layers: int) -> int:
+    """How many blocks offload their checkpointed inputs (the first ones): true every block,
+    false none, an int that many, a float that fraction of `n_layers` rounded to the nearest
+    count, halves up. Raises ConfigError for a count above `n_layers`."""
+    value = _offload_value(m.offload_activations)
+    if isinstance(value, bool):
+        return n_layers if value else 0
+    if isinstance(value, float):
+        return math.floor(value * n_layers + 0.5)
+    if value > n_layers:
         raise ConfigError(
-            "train.memory.offload_activations=true offloads the inputs that activation "
+            f"train.memory.offload_activations={value} is above the model's {n_layers} blocks "
+            f"(use at most {n_layers}, or true for every block)"
+        )
+    return value
+
+
+def check_memory(m: MemoryConfig, n_layers: int | None = None) -> None:
+    """The memory stack (`train.memory`); with `n_layers`, also the offload count."""
+    _one_of("train.memory.activation_checkpoint", m.activation_checkpoint, AC_MODES)
+    value = _offload_value(m.offload_activations)
+    if value and m.activation_checkpoint == "none":
+        raise ConfigError(
+            f"train.memory.offload_activations={value} offloads the inputs that activation "
             "checkpointing keeps: set train.memory.activation_checkpoint=full or selective"
         )
+    if n_layers is not None:
+        offloaded_blocks(m, n_layers)
     _at_least("train.memory.mlp_tiles", m.mlp_tiles, 0, " (0: from the budget)")
     if m.mlp_tiles == 0 and m.mlp_tile_budget_mib <= 0:
         raise ConfigError(
@@ -86,6 +123,20 @@ def check_global_batch(global_batch: int, dp_size: int) -> None:
         )
 
 
+# The kernels a plan may assume (`plan.attn_backend`, `plan.kernel_backend`).
+PLAN_ATTN_BACKENDS = ("flash_attn", "triton", "torch")
+PLAN_KERNEL_BACKENDS = ("triton", "torch")
+
+
+def check_node_layout(world_size: int, gpus_per_node: int) -> None:
+    """A run fills whole nodes, or fits in one (whose host memory its GPUs share)."""
+    if world_size > gpus_per_node and world_size % gpus_per_node:
+        raise ConfigError(
+            f"plan.gpus_per_node={gpus_per_node} does not divide the world size {world_size}: "
+            f"plan whole nodes (a multiple of {gpus_per_node} GPUs) or set plan.gpus_per_node"
+        )
+
+
 def check_plan(plan: PlanConfig) -> None:
     """The `plan` group of `python -m longtrain.plan`."""
     _one_of("plan.device", plan.device, PLAN_DEVICES)
@@ -95,6 +146,15 @@ def check_plan(plan: PlanConfig) -> None:
     _at_least("plan.reserve_gib", plan.reserve_gib, 0)
     _at_least("plan.seq_len_step", plan.seq_len_step, 1)
     _at_least("plan.max_seq_len", plan.max_seq_len, 2)
+    if not plan.host_mem_gib > 0:  # also refuses nan
+        raise ConfigError(
+            f"plan.host_mem_gib={plan.host_mem_gib:g} must be > 0 (the host memory of a node)"
+        )
+    _at_least("plan.gpus_per_node", plan.gpus_per_node, 1)
+    if plan.world_size:
+        check_node_layout(plan.world_size, plan.gpus_per_node)
+    _one_of("plan.attn_backend", plan.attn_backend, PLAN_ATTN_BACKENDS)
+    _one_of("plan.kernel_backend", plan.kernel_backend, PLAN_KERNEL_BACKENDS)
 
 
 def _check_train(cfg: RunConfig) -> None:
@@ -212,7 +272,9 @@ __all__ = [
     "check_deepspeed",
     "check_global_batch",
     "check_memory",
+    "check_node_layout",
     "check_plan",
+    "offloaded_blocks",
     "stage_batch",
     "validate_run_config",
 ]

@@ -7,6 +7,7 @@ YAML under `configs/` only selects and overrides these; an unknown key anywhere 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 EMBEDDED_STORE_DIR = "data_cache/stdlib-byte"  # the embedded corpus' store (default data)
 
@@ -109,7 +110,13 @@ class MemoryConfig:
     mlp_tile_budget_mib: int = 256  # with mlp_tiles=0: largest MLP intermediate per tile
     loss_tile_tokens: int = 4096  # tokens per tile of the linear + cross-entropy
     activation_checkpoint: str = "none"  # none | full (per block) | selective (keep attention)
-    offload_activations: bool = False  # checkpointed block inputs wait in (pinned) CPU memory
+    # Checkpointed block inputs that wait in (pinned) host memory instead of on the GPU:
+    # false / 0 none; true every block; an int n the first n blocks (their inputs wait the
+    # longest, and the backward reaches them last, so their prefetch has the most time); a
+    # float in [0, 1] that fraction of the blocks, rounded to the nearest count, halves up
+    # (0.5 of 5 blocks: 3; 1.0 every block). Needs activation_checkpoint;
+    # `longtrain.config.rules.offloaded_blocks` resolves it to a count.
+    offload_activations: Any = False
     cpu_offload: bool = False  # fsdp2: parameters, gradients and optimizer state on CPU
 
 
@@ -169,6 +176,15 @@ class PlanConfig:
     search: bool = True  # also find the longest data.seq_len that fits (max_seq_len)
     seq_len_step: int = 1024  # granularity of max_seq_len (rounded to the layout's multiple)
     max_seq_len: int = 1 << 26  # upper end of the search
+    # Host memory of one node, GiB (default 1.9e12 bytes: ALST's 8-GPU H100 node); the
+    # min(world size, gpus_per_node) GPUs of a node share it.
+    host_mem_gib: float = 1.9e12 / (1 << 30)
+    gpus_per_node: int = 8  # GPUs of one node; divides the world size when it is larger
+    # Kernels of the planned run where the model config says `auto` (a plan is for the target,
+    # whatever is importable here): attention flash_attn | triton | torch, RoPE / RMSNorm /
+    # loss triton | torch. plan.device=cpu and float64 runs plan the torch kernels.
+    attn_backend: str = "flash_attn"
+    kernel_backend: str = "triton"
 
 
 @dataclass

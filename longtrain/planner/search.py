@@ -1,5 +1,14 @@
-"""The longest sequence that fits: a bracketing search over multiples of the layout's sequence
-granularity, guided by the near-linear growth of peak memory with seq_len.
+"""The longest sequence that fits both the GPU and the host: a bracketing search over
+multiples of the layout's sequence granularity, guided by the near-linear growth of peak
+memory with seq_len, and the offload split that runs it.
+
+Two budgets: `plan.gpu_mem_gib - plan.reserve_gib` per GPU, and the node's host memory
+`plan.host_mem_gib` shared by min(world size, plan.gpus_per_node) GPUs. Offloading one more
+block's inputs takes one block input off the GPU and puts it on the host, so for each
+seq_len the host decides how many blocks may offload (k*, at most the configured count) and
+the length fits iff the GPU peak fits with k* offloaded; it says which bound binds. At the
+answer the split is the fewest offloaded blocks whose GPU peak fits (less host memory and
+less traffic), printed as the overrides that run it.
 
 Peak memory is monotonic in seq_len (more tokens never need less memory) and close to affine
 (tile counts add small steps). The search keeps a bracket [lo fits, hi does not], guesses by
@@ -9,6 +18,7 @@ to halve the bracket, so it ends in a handful of simulations whatever the curve.
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass, field
 
@@ -21,11 +31,24 @@ class PlanError(ValueError):
 
 
 @dataclass
+class Fit:
+    """One sequence length against both budgets: the step at the offload split the host
+    allows (k* = min(configured count, what the host holds)), and whether it fits."""
+
+    seq_len: int
+    at: StepMemory  # the step with k* blocks offloaded
+    fits: bool
+    binds: str  # "" when it fits, else "gpu memory" or "host memory"
+    block_host: float = 0.0  # host bytes of one offloaded block's inputs at this length
+    top: StepMemory | None = None  # the step at the configured count (the most offload)
+
+
+@dataclass
 class SearchResult:
     max_seq_len: int
-    at_max: StepMemory
-    limited_by: str  # "memory" or "plan.max_seq_len"
-    evaluations: list = field(default_factory=list)  # StepMemory of every simulation
+    at_max: StepMemory  # at the smallest offload split that fits the GPU
+    limited_by: str  # "gpu memory", "host memory" or "plan.max_seq_len"
+    evaluations: list = field(default_factory=list)  # Fit of every length tried
 
 
 def budget_bytes(gpu_mem_gib: float, reserve_gib: float) -> int:
@@ -50,8 +73,62 @@ def _gib(n: int) -> str:
     return f"{n / GIB:.2f} GiB"
 
 
-def impossible_message(planner: Planner, smallest: StepMemory, budget: int) -> str:
-    cfg, split = planner.cfg, smallest.breakdown
+def host_limit(planner: Planner, top: StepMemory) -> int:
+    """The most blocks (up to the configured count) whose offloaded inputs the host holds
+    beside the engine's own host state, from `top` (the step at the configured count):
+    offloaded inputs take the same host bytes per block."""
+    k_max = top.offloaded_blocks
+    free = planner.host_budget - planner.engine.host
+    per_block = top.host_breakdown.get("offloaded activations", 0) / max(k_max, 1)
+    if free < 0:
+        return -1  # the engine's host state alone is over the budget
+    if per_block == 0:
+        return k_max
+    return min(k_max, int(free // per_block))
+
+
+def evaluate(planner: Planner, seq_len: int, budget: int) -> Fit:
+    """Whether `seq_len` fits both budgets with some offload split. Peak GPU memory never
+    grows with more blocks offloaded and host memory grows with each, so it fits iff the GPU
+    fits at k* = min(configured count, host limit)."""
+    top = planner.measure(seq_len)
+    block_host = top.host_breakdown.get("offloaded activations", 0) / max(1, top.offloaded_blocks)
+    if top.peak_bytes > budget:  # the most offload allowed does not fit the GPU
+        return Fit(seq_len, top, False, "gpu memory", block_host, top)
+    k = host_limit(planner, top)
+    if k < 0:
+        return Fit(seq_len, top, False, "host memory", block_host, top)
+    at = top if k == top.offloaded_blocks else planner.measure(seq_len, k)
+    fits = at.peak_bytes <= budget and at.host_bytes <= planner.host_budget
+    binds = "" if fits else ("gpu memory" if k == top.offloaded_blocks else "host memory")
+    return Fit(seq_len, at, fits, binds, block_host, top)
+
+
+def smallest_split(planner: Planner, seq_len: int, budget: int, fits_at: int) -> StepMemory:
+    """The step with the fewest blocks offloaded whose GPU peak fits `budget`, knowing that
+    `fits_at` blocks do (bisection: the peak never grows with more blocks offloaded)."""
+    lo, hi = -1, fits_at  # lo: known not to fit (or none tried), hi: fits
+    best = planner.measure(seq_len, hi)
+    if hi > 0:  # at the longest length one block fewer rarely fits: try it first
+        step = planner.measure(seq_len, hi - 1)
+        if step.peak_bytes > budget:
+            return best
+        hi, best = hi - 1, step
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        step = planner.measure(seq_len, mid)
+        if step.peak_bytes <= budget:
+            hi, best = mid, step
+        else:
+            lo = mid
+    return best
+
+
+def impossible_message(planner: Planner, smallest: Fit, budget: int) -> str:
+    cfg, at = planner.cfg, smallest.at
+    if smallest.binds == "host memory":
+        return _host_message(planner, smallest)
+    split = at.breakdown
     parts = ", ".join(f"{k} {_gib(v)}" for k, v in split.items() if v)
     hints = []
     state = split["parameters"] + split["gradients"] + split["optimizer"]
@@ -63,13 +140,29 @@ def impossible_message(planner: Planner, smallest: StepMemory, budget: int) -> s
         hints.append("train.engine=deepspeed with offload_optimizer (one GPU)")
     if cfg.train.memory.activation_checkpoint == "none":
         hints.append("train.memory.activation_checkpoint=full")
+    elif at.offloaded_blocks < planner.n_layers:
+        hints.append("train.memory.offload_activations=true")
     hints.append("more GPUs (parallel.ulysses / parallel.ring, or plan.world_size)")
     hints.append("a larger plan.gpu_mem_gib")
     return (
-        f"nothing fits: even seq_len={smallest.seq_len} needs {_gib(smallest.peak_bytes)} per "
-        f"GPU (model state {_gib(state)}: {parts}; peak at {smallest.peak_at}), over the "
+        f"nothing fits: even seq_len={at.seq_len} needs {_gib(at.peak_bytes)} per "
+        f"GPU (model state {_gib(state)}: {parts}; peak at {at.peak_at}; "
+        f"{at.offloaded_blocks} of {planner.n_layers} blocks offloaded), over the "
         f"budget of {_gib(budget)} (plan.gpu_mem_gib={planner.plan.gpu_mem_gib} minus "
         f"plan.reserve_gib={planner.plan.reserve_gib}). Try: " + "; ".join(hints)
+    )
+
+
+def _host_message(planner: Planner, smallest: Fit) -> str:
+    at, plan = smallest.at, planner.plan
+    engine = ", ".join(f"{k} {_gib(v)}" for k, v in planner.engine.host_parts.items())
+    return (
+        f"nothing fits in host memory: at seq_len={at.seq_len} the GPU needs more blocks "
+        f"offloaded than the host holds ({at.offloaded_blocks} of {planner.n_layers}: "
+        f"{_gib(at.host_bytes)} per GPU, engine state {engine or 'none'}), over the host "
+        f"budget of {_gib(planner.host_budget)} per GPU (plan.host_mem_gib={plan.host_mem_gib:g} "
+        f"shared by {planner.gpus_per_node} GPUs). Try: a larger plan.host_mem_gib; fewer "
+        "GPUs per node (plan.gpus_per_node); more GPUs; train.deepspeed.offload_params=false"
     )
 
 
@@ -90,59 +183,89 @@ def predict_edge(a: StepMemory, b: StepMemory, budget: int) -> float:
 
 
 def find_max_seq_len(planner: Planner, budget: int, first_guess: int) -> SearchResult:
-    """Largest multiple of `granule(planner)` whose simulated peak fits `budget` bytes (capped
-    at plan.max_seq_len). Raises PlanError when not even one granule fits."""
+    """Largest multiple of `granule(planner)` that fits `budget` bytes per GPU and the host
+    budget (`evaluate`), capped at plan.max_seq_len, at the smallest offload split that fits.
+    Raises PlanError when not even one granule fits."""
     g = granule(planner)
     cap = (planner.plan.max_seq_len // g) * g
     if cap < g:
         raise ValueError(f"plan.max_seq_len={planner.plan.max_seq_len} is below one step ({g})")
-    seen: dict[int, StepMemory] = {}
+    seen: dict[int, Fit] = {}
+    fitting: list[int] = []  # lengths known to fit, ascending
 
-    def measure(n: int) -> StepMemory:
+    def fits(n: int) -> bool:
         if n not in seen:
-            seen[n] = planner.measure(n)
-        return seen[n]
+            seen[n] = evaluate(planner, n, budget)
+            if seen[n].fits:
+                bisect.insort(fitting, n)
+        return seen[n].fits
+
+    def edge() -> float:
+        """Where the two longest lengths that fit say the edge is: the GPU's at the split of
+        the longer (each part of the step extrapolated; across different splits, the slope of
+        the most-offload curve), or where the host stops holding that many blocks (host
+        bytes per block grow linearly with the length), whichever comes first."""
+        a, b = fitting[-2:]
+        fa, fb = seen[a], seen[b]
+        if fa.at.offloaded_blocks == fb.at.offloaded_blocks:
+            guess = predict_edge(fa.at, fb.at, budget)
+        else:
+            slope = (fb.top.peak_bytes - fa.top.peak_bytes) / (b - a)
+            guess = b + (budget - fb.at.peak_bytes) / slope if slope > 0 else math.inf
+        k = fb.at.offloaded_blocks
+        slope = (fb.block_host - fa.block_host) / (b - a)
+        if k and slope > 0:
+            free = planner.host_budget - planner.engine.host
+            guess = min(guess, b + (free / k - fb.block_host) / slope)
+        return guess
 
     def done(best: int, limited_by: str) -> SearchResult:
-        return SearchResult(best, seen[best], limited_by, [seen[k] for k in sorted(seen)])
+        at = smallest_split(planner, best, budget, seen[best].at.offloaded_blocks)
+        return SearchResult(best, at, limited_by, [seen[k] for k in sorted(seen)])
 
     lo = g
-    if measure(lo).peak_bytes > budget:
+    if not fits(lo):
         raise PlanError(impossible_message(planner, seen[lo], budget))
-    # Grow from the configured length, extrapolating the slope of the two longest lengths
-    # that fit (short lengths are dominated by constants, so their slope misleads).
+    # Grow from the configured length, extrapolating the two longest lengths that fit (short
+    # lengths are dominated by constants, so their slope misleads).
     x = min(cap, max(2 * g, (first_guess // g) * g))
-    if x >= 4 * g and measure(x // 2 // g * g).peak_bytes <= budget:
+    if x >= 4 * g and fits(x // 2 // g * g):
         lo = x // 2 // g * g
     hi = None
     while hi is None:
-        if measure(x).peak_bytes > budget:
+        if not fits(x):
             hi = x
             break
         if x == cap:
             return done(cap, "plan.max_seq_len")
-        prev, lo = lo, x
-        edge = predict_edge(seen[prev], seen[lo], budget)
-        guess = 2 * lo if math.isinf(edge) else edge
+        lo = x
+        guess = edge()
+        guess = 2 * lo if math.isinf(guess) else guess
         x = min(cap, max(lo + g, int(guess) // g * g + g))  # just past the predicted edge
     halved = True
     while hi - lo > g:
-        if halved:  # interpolate inside the bracket
-            x = int(min(predict_edge(seen[lo], seen[hi], budget), hi)) // g * g
+        if halved and len(fitting) >= 2:  # interpolate inside the bracket
+            x = int(min(edge(), hi)) // g * g
         else:
             x = (lo + hi) // 2 // g * g
         x = min(max(x, lo + g), hi - g)
         width = hi - lo
-        if measure(x).peak_bytes <= budget:
+        if fits(x):
             lo = x
-            if x + g < hi and measure(x + g).peak_bytes > budget:
-                hi = x + g  # the prediction landed on the edge
-            elif x + g < hi:
-                lo = x + g
         else:
             hi = x
         halved = hi - lo <= width // 2
-    return done(lo, "memory")
+    return done(lo, seen[hi].binds)
 
 
-__all__ = ["PlanError", "SearchResult", "budget_bytes", "find_max_seq_len", "granule"]
+__all__ = [
+    "Fit",
+    "PlanError",
+    "SearchResult",
+    "budget_bytes",
+    "evaluate",
+    "find_max_seq_len",
+    "granule",
+    "host_limit",
+    "smallest_split",
+]

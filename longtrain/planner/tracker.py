@@ -43,10 +43,18 @@ def _tensors(value) -> list[torch.Tensor]:
 class MemoryTracker(TorchDispatchMode):
     """Counts storages of tensors on `device` created while active (see the module doc)."""
 
-    def __init__(self, device: torch.device, workspace_rules: dict | None = None) -> None:
+    def __init__(
+        self,
+        device: torch.device,
+        workspace_rules: dict | None = None,
+        size_of: Callable[[int], int] | None = None,
+    ) -> None:
+        """`size_of`: bytes a storage of n bytes really takes (e.g. a pinned host buffer
+        rounded up by its allocator); default n."""
         super().__init__()
         self.device = torch.device(device)
         self.rules: dict[str, WorkspaceRule] = dict(workspace_rules or {})
+        self.size_of = size_of
         self.phase = "activations"
         self.live: dict[int, list] = {}  # id(storage) -> [bytes, category, weakref]
         self.by_category = dict.fromkeys(CATEGORIES, 0)
@@ -65,7 +73,7 @@ class MemoryTracker(TorchDispatchMode):
         key = id(storage)
         if key in self.live:
             return
-        nbytes = storage.nbytes()
+        nbytes = storage.nbytes() if self.size_of is None else self.size_of(storage.nbytes())
         self.live[key] = [nbytes, category, weakref.ref(storage, lambda _, k=key: self._drop(k))]
         self.by_category[category] += nbytes
         self.total += nbytes

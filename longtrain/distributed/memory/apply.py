@@ -13,7 +13,7 @@ from __future__ import annotations
 from torch import nn
 
 from longtrain.config import MemoryConfig
-from longtrain.config.rules import check_memory
+from longtrain.config.rules import check_memory, offloaded_blocks
 from longtrain.distributed.memory.checkpointing import ActivationOffloader, checkpoint_block
 from longtrain.distributed.memory.tiled_mlp import tile_mlp
 
@@ -34,10 +34,14 @@ def apply_memory(
     """Apply `cfg` to `model` (a `longtrain.model.Transformer`, possibly sequence-parallel) in
     place. Returns the activation offloader (None without offload).
 
+    Checkpointing covers every block; of those, the first `offloaded_blocks(cfg, n)` offload
+    their inputs (`train.memory.offload_activations`: a count, a fraction or all), the rest
+    keep them on the device.
+
     offload_device: where offloaded block inputs wait ("cpu"; the planner passes "meta").
     """
-    check_memory(cfg)
     blocks = _blocks(model)
+    check_memory(cfg, len(blocks))
     if cfg.mlp_tiles != 1:
         ffn_dim = model.cfg.ffn_dim
         for block in blocks:
@@ -46,9 +50,12 @@ def apply_memory(
     model.loss_tile_tokens = cfg.loss_tile_tokens
     offloader = None
     if cfg.activation_checkpoint != "none":
-        offloader = ActivationOffloader(offload_device) if cfg.offload_activations else None
-        for block in blocks:
-            checkpoint_block(block, cfg.activation_checkpoint, offloader)
+        n_offloaded = offloaded_blocks(cfg, len(blocks))
+        offloader = ActivationOffloader(offload_device) if n_offloaded else None
+        for i, block in enumerate(blocks):
+            checkpoint_block(
+                block, cfg.activation_checkpoint, offloader if i < n_offloaded else None
+            )
     return offloader
 
 

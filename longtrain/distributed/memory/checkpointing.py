@@ -107,13 +107,67 @@ def selective_contexts():
 # ----------------------------------------------------------------------------------------------
 
 
+PIECE_MIN_BYTES = 1 << 20  # the smallest pinned piece of an offloaded tensor
+
+
+def pinned_pieces(nbytes: int) -> list[int]:
+    """Sizes of the pinned host buffers an offloaded tensor of `nbytes` is copied into on
+    CUDA: powers of two, largest first, summing to `nbytes` rounded up to PIECE_MIN_BYTES.
+
+    torch's caching host allocator rounds every pinned request up to a power of two (and
+    keeps the block for the next step): one buffer per tensor would pin up to twice its
+    size (a 5 GiB block input, 8 GiB). Requests that are powers of two are taken as they
+    are, so the binary digits of the size waste at most one MiB per tensor."""
+    if nbytes <= 0:
+        return []
+    if nbytes <= PIECE_MIN_BYTES:
+        return [1 << (nbytes - 1).bit_length()]
+    total = -(-nbytes // PIECE_MIN_BYTES) * PIECE_MIN_BYTES
+    return [1 << b for b in reversed(range(total.bit_length())) if total >> b & 1]
+
+
+def pinned_host_bytes(nbytes: int) -> int:
+    """Host memory one offloaded tensor of `nbytes` pins in a CUDA run (`pinned_pieces`)."""
+    return sum(pinned_pieces(nbytes))
+
+
+def to_pieces(t: torch.Tensor, pin: bool = True) -> list[torch.Tensor]:
+    """Copy the bytes of `t` (contiguous) into new host buffers of `pinned_pieces` sizes
+    (non-blocking: run it on the stream that may read `t`)."""
+    bytes_B = t.reshape(-1).view(torch.uint8)
+    pieces, start = [], 0
+    for size in pinned_pieces(bytes_B.numel()):
+        piece = torch.empty(size, dtype=torch.uint8, device="cpu", pin_memory=pin)
+        n = min(size, bytes_B.numel() - start)
+        piece[:n].copy_(bytes_B[start : start + n], non_blocking=pin)
+        pieces.append(piece)
+        start += n
+    return pieces
+
+
+def from_pieces(
+    pieces: list[torch.Tensor], like: torch.Tensor, device: torch.device, non_blocking: bool
+) -> torch.Tensor:
+    """A new tensor on `device` with the shape and dtype of `like`, from `to_pieces` bytes."""
+    nbytes = like.numel() * like.element_size()
+    bytes_B = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    start = 0
+    for piece in pieces:
+        n = min(piece.numel(), nbytes - start)
+        bytes_B[start : start + n].copy_(piece[:n], non_blocking=non_blocking)
+        start += n
+    return bytes_B.view(like.dtype).view(like.shape)
+
+
 @dataclass(eq=False)
 class _Offloaded:
-    """One saved tensor waiting in host memory."""
+    """One saved tensor waiting in host memory: a copy (CPU, meta), or its bytes in pinned
+    pieces (CUDA) with `like` (a meta tensor) keeping its shape and dtype."""
 
-    host: torch.Tensor
+    host: torch.Tensor | list
     device: torch.device
     group: int  # which checkpointed call packed it (prefetch works group by group)
+    like: torch.Tensor | None = None  # CUDA: the shape and dtype of the pieces' tensor
     d2h_done: object = None  # torch.cuda.Event on the side stream, CUDA only
     on_device: torch.Tensor | None = None  # prefetched copy back
     h2d_done: object = None
@@ -123,8 +177,9 @@ class _Offloaded:
 class ActivationOffloader:
     """saved_tensors_hooks that move saved tensors to `host_device` and back.
 
-    host_device: "cpu" (pinned when CUDA is available) in training; the planner passes
-    "meta" so that offloaded tensors leave the simulated device without being allocated.
+    host_device: "cpu" (pinned pieces, `pinned_pieces`, when the tensors are on CUDA) in
+    training; the planner passes "meta" so that offloaded tensors leave the simulated
+    device without being allocated.
     """
 
     host_device: str = "cpu"
@@ -154,13 +209,13 @@ class ActivationOffloader:
         if self._cuda(t) and host_device.type == "cpu":
             stream = self._side_stream(t.device)
             stream.wait_stream(torch.cuda.current_stream(t.device))
-            host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
             with torch.cuda.stream(stream):
-                host.copy_(t, non_blocking=True)
+                pieces = to_pieces(t.contiguous(), pin=True)
                 done = torch.cuda.Event()
                 done.record(stream)
             t.record_stream(stream)  # t's memory is not reused before the copy has read it
-            record = _Offloaded(host, t.device, self._group, d2h_done=done)
+            like = torch.empty(t.shape, dtype=t.dtype, device="meta")
+            record = _Offloaded(pieces, t.device, self._group, like=like, d2h_done=done)
         else:
             record = _Offloaded(t.to(host_device, copy=True), t.device, self._group)
         self._pending.setdefault(self._group, weakref.WeakSet()).add(record)
@@ -176,7 +231,7 @@ class ActivationOffloader:
         stream = self._side_stream(record.device)
         with torch.cuda.stream(stream):
             stream.wait_event(record.d2h_done)
-            record.on_device = record.host.to(record.device, non_blocking=True)
+            record.on_device = from_pieces(record.host, record.like, record.device, True)
             record.h2d_done = torch.cuda.Event()
             record.h2d_done.record(stream)
 
@@ -244,5 +299,9 @@ __all__ = [
     "ActivationOffloader",
     "CheckpointedBlockMixin",
     "checkpoint_block",
+    "from_pieces",
+    "pinned_host_bytes",
+    "pinned_pieces",
     "selective_contexts",
+    "to_pieces",
 ]
