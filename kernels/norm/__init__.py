@@ -2,17 +2,20 @@
 
 Legend (kernels/__init__.py): T tokens (any leading dims), E the normalised width.
 
-Backends: `torch` (`naive.py`, any device and dtype), `triton` (`triton_norm.py`: fused
-forward and backward; CUDA, or CPU under TRITON_INTERPRET=1; float16/bfloat16/float32) and
-`auto` (triton for CUDA tensors when triton is installed and the dtype is supported, else torch).
+Backends: `torch` (`torch_norm.py`: torch ops with a backward that keeps only x and the
+reciprocal RMS; any device and dtype; `naive.py` is the readable reference), `triton`
+(`triton_norm.py`: fused forward and backward; CUDA, or CPU under TRITON_INTERPRET=1;
+float16/bfloat16/float32) and `auto` (triton for CUDA tensors when triton is installed and
+the dtype is supported, else torch).
 """
 
 import torch
 
 from kernels._triton_utils import TRITON_DTYPES, triton_available
 from kernels.norm.naive import rms_norm_naive
+from kernels.norm.torch_norm import rms_norm_torch
 
-__all__ = ["rms_norm", "rms_norm_naive"]
+__all__ = ["rms_norm", "rms_norm_naive", "rms_norm_torch"]
 
 _BACKENDS = ("auto", "torch", "triton")
 
@@ -39,4 +42,4 @@ def rms_norm(
         from kernels.norm.triton_norm import rms_norm_triton
 
         return rms_norm_triton(x_TE, weight_E, eps)
-    return rms_norm_naive(x_TE, weight_E, eps)
+    return rms_norm_torch(x_TE, weight_E, eps)
