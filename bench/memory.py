@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--seq-len", type=int, default=0)
     args = parser.parse_args(argv)
     seq_len = args.seq_len or (1024 if args.quick else 4096)
-    rows = [run_case(case, seq_len, repeats=2 if case[1] > 1 else 1) for case in CASES]
+    rows = [run_case(case, seq_len, repeats=3 if case[1] > 1 else 1) for case in CASES]
     print(format_table(rows))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     meta = {"model": run_config(1, "none", "none", {}, seq_len).model.__dict__, "rows": rows}

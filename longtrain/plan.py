@@ -108,11 +108,11 @@ def make_plan(cfg) -> dict:
 
 
 def _row(name: str, cols, value) -> str:
-    return f"{name:<34}" + "".join(f"{value(c):>16.2f}" for _, c in cols)
+    return f"{name:<34}" + "".join(f"{value(c):>18.2f}" for _, c in cols)
 
 
 def _text_row(name: str, cols, value) -> str:
-    return f"{name:<34}" + "".join(f"{value(c):>16}" for _, c in cols)
+    return f"{name:<34}" + "".join(f"{value(c):>18}" for _, c in cols)
 
 
 def format_table(report: dict) -> str:
@@ -127,7 +127,7 @@ def format_table(report: dict) -> str:
         f"{report['engine']}, {report['gpu_mem_gib']:g} GiB per GPU ({report['reserve_gib']:g} "
         f"GiB reserved)",
         report["assumptions"],
-        f"{'GiB per GPU':<34}" + "".join(f"{name:>16}" for name, _ in cols),
+        f"{'GiB per GPU':<34}" + "".join(f"{name:>18}" for name, _ in cols),
         _text_row("seq_len", cols, lambda c: f"{c['seq_len']:,}"),
         _text_row("tokens per GPU", cols, lambda c: f"{c['tokens_per_gpu']:,}"),
         _text_row(

@@ -116,7 +116,7 @@ def engine_state(cfg: RunConfig, model: nn.Module, world_size: int) -> EngineSta
         shards = {n: math.ceil(s[0] / W) * _numel(s[1:]) for n, s in shapes.items()}
         S = sum(shards.values())
         offload = cfg.train.memory.cpu_offload
-        host = {"fsdp2 cpu_offload (shards, gradients, AdamW)": 4 * S * m} if offload else {}
+        host = {"fsdp2 cpu_offload": 4 * S * m} if offload else {}  # shards, grads, AdamW
         return EngineState(
             "fsdp2",
             parameters=(0 if offload else S * m) + R * c,
@@ -140,7 +140,7 @@ def engine_state(cfg: RunConfig, model: nn.Module, world_size: int) -> EngineSta
     grads = S * g
     host = {}
     if ds.offload_optimizer:
-        host["optimizer offload (fp32 master, AdamW, gradient partition)"] = optim + grads
+        host["optimizer offload"] = optim + grads  # fp32 master, AdamW, gradient partition
         optim, grads = 0, 0
     if ds.zero_stage == 1:
         # bf16 without optimizer offload: the float32 accumulation buffer of every parameter.
@@ -156,7 +156,7 @@ def engine_state(cfg: RunConfig, model: nn.Module, world_size: int) -> EngineSta
         )
     params = 0 if ds.offload_params else S * c
     if ds.offload_params:
-        host["parameter offload (partitions)"] = S * c
+        host["parameter offload"] = S * c
     return EngineState(
         "zero3", params + output * c, grads, optim, 3 * block * c, sum(host.values()),
         keep_full_grads=False, host_parts=host,

@@ -200,24 +200,45 @@ def find_max_seq_len(planner: Planner, budget: int, first_guess: int) -> SearchR
                 bisect.insort(fitting, n)
         return seen[n].fits
 
-    def edge() -> float:
-        """Where the two longest lengths that fit say the edge is: the GPU's at the split of
-        the longer (each part of the step extrapolated; across different splits, the slope of
-        the most-offload curve), or where the host stops holding that many blocks (host
-        bytes per block grow linearly with the length), whichever comes first."""
-        a, b = fitting[-2:]
+    def edge(a: int, b: int) -> float:
+        """Where the lengths a < b say the edge is. The GPU's at the most offload: each part
+        of the step extrapolated on its own. When the host decides the split it can be
+        earlier: host bytes per block grow linearly with the length, so k* = free host /
+        (bytes per block) falls, and each block fewer offloaded than at b puts its input
+        back on the GPU (about its host bytes); the edge is where b's peak, grown at the
+        most-offload slope plus those inputs, reaches the budget."""
         fa, fb = seen[a], seen[b]
-        if fa.at.offloaded_blocks == fb.at.offloaded_blocks:
-            guess = predict_edge(fa.at, fb.at, budget)
-        else:
-            slope = (fb.top.peak_bytes - fa.top.peak_bytes) / (b - a)
-            guess = b + (budget - fb.at.peak_bytes) / slope if slope > 0 else math.inf
-        k = fb.at.offloaded_blocks
-        slope = (fb.block_host - fa.block_host) / (b - a)
-        if k and slope > 0:
-            free = planner.host_budget - planner.engine.host
-            guess = min(guess, b + (free / k - fb.block_host) / slope)
-        return guess
+        guess = predict_edge(fa.top, fb.top, budget)
+        host_slope = (fb.block_host - fa.block_host) / (b - a)
+        if not fb.top.offloaded_blocks or host_slope <= 0:
+            return guess
+        free = planner.host_budget - planner.engine.host
+        top_slope = (fb.top.peak_bytes - fa.top.peak_bytes) / (b - a)
+        k_b = fb.at.offloaded_blocks
+
+        def fits_model(n: float) -> bool:
+            block_host = fb.block_host + (n - b) * host_slope
+            k = min(fb.top.offloaded_blocks, math.floor(free / block_host))
+            peak = fb.at.peak_bytes + (n - b) * top_slope + max(0, k_b - k) * block_host
+            return k >= 0 and peak <= budget
+
+        lo, hi = float(b), float(min(guess, cap))
+        if not fits_model(lo):
+            return lo
+        if fits_model(hi):
+            return hi
+        while hi - lo > g / 2:
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if fits_model(mid) else (lo, mid)
+        return lo
+
+    def bracket_edge(lo: int, hi: int) -> float:
+        """Inside [lo, hi]: from both ends when the GPU bounds hi at lo's split (one curve),
+        else from the two longest lengths that fit."""
+        same = seen[hi].at.offloaded_blocks == seen[lo].at.offloaded_blocks
+        if seen[hi].binds == "gpu memory" and same:
+            return predict_edge(seen[lo].at, seen[hi].at, budget)
+        return edge(*fitting[-2:])
 
     def done(best: int, limited_by: str) -> SearchResult:
         at = smallest_split(planner, best, budget, seen[best].at.offloaded_blocks)
@@ -239,15 +260,16 @@ def find_max_seq_len(planner: Planner, budget: int, first_guess: int) -> SearchR
         if x == cap:
             return done(cap, "plan.max_seq_len")
         lo = x
-        guess = edge()
+        guess = edge(*fitting[-2:])
         guess = 2 * lo if math.isinf(guess) else guess
         x = min(cap, max(lo + g, int(guess) // g * g + g))  # just past the predicted edge
     halved = True
     while hi - lo > g:
-        if halved and len(fitting) >= 2:  # interpolate inside the bracket
-            x = int(min(edge(), hi)) // g * g
-        else:
-            x = (lo + hi) // 2 // g * g
+        x = (lo + hi) // 2 // g * g  # bisect, unless a prediction lands inside
+        if halved and len(fitting) >= 2:
+            guess = bracket_edge(lo, hi)
+            if lo < guess < hi:
+                x = int(guess) // g * g
         x = min(max(x, lo + g), hi - g)
         width = hi - lo
         if fits(x):

@@ -163,7 +163,9 @@ class StepMemory:
     tokens_per_gpu: int  # T_local of one micro-batch
     peak_bytes: int  # tensors on the GPU at the step's high-water mark
     breakdown: dict  # category -> bytes at that mark
-    peak_at: str  # forward | loss forward | loss backward | backward | optimizer step
+    # forward | loss forward | loss backward | backward (its first block) | backward inner |
+    # backward block 0 | backward embed | optimizer step
+    peak_at: str
     host_bytes: int  # offloaded activations (at their most) + engine state on the host
     engine: str = ""
     phases: dict = field(default_factory=dict)  # part of the step -> its high, bytes
@@ -501,7 +503,7 @@ class Planner:
                 tracker.phase = phase
 
         def in_backward() -> bool:
-            return tracker.label in ("loss backward", "backward")
+            return tracker.label.startswith(("loss backward", "backward"))
 
         handles = []
         for i, block in enumerate(model.layers):
@@ -612,13 +614,13 @@ def _backward_parts(model, tracker: MemoryTracker) -> list:
         if i == n - 1:
             tracker.label = "backward"
         elif i == 0:
-            tracker.label = "backward, first block"
+            tracker.label = "backward block 0"
         else:
-            tracker.label = "backward, inner blocks"
+            tracker.label = "backward inner"
 
     def ends(module, grad_input, grad_output, i):
         if i == 0:
-            tracker.label = "backward, embedding"
+            tracker.label = "backward embed"
 
     handles = []
     for i, block in enumerate(model.layers):

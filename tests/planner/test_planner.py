@@ -262,8 +262,8 @@ def test_llama3_8b_1m_recipe_fits_and_scales(ulysses):
     assert step.breakdown["parameters"] == pytest.approx(shard, rel=1e-3)
     assert step.breakdown["optimizer"] == 0
     # The offloaded optimizer: fp32 master, AdamW m and v, fp32 gradient partition, 16 B each.
-    assert step.host_breakdown["optimizer offload (fp32 master, AdamW, gradient partition)"] == (
-        pytest.approx(16 * 8_030_261_248 / ulysses, rel=1e-3)
+    assert step.host_breakdown["optimizer offload"] == pytest.approx(
+        16 * 8_030_261_248 / ulysses, rel=1e-3
     )
     assert step.peak_bytes < budget_bytes(cfg.plan.gpu_mem_gib, cfg.plan.reserve_gib)
     # bf16 activations and gathered weights (float32 before: 30.8 and 52.9 GiB).
