@@ -16,7 +16,11 @@ from longtrain.distributed.context import StepContext
 from longtrain.distributed.env import DistEnv
 from longtrain.distributed.fsdp2 import apply_fsdp2
 from longtrain.distributed.memory import apply_memory
-from longtrain.distributed.precision import cast_embedding_output, uses_autocast
+from longtrain.distributed.precision import (
+    cast_embedding_output,
+    cast_linear_weights_in_op,
+    uses_autocast,
+)
 
 
 def resolve_degrees(cfg: RunConfig, world_size: int) -> tuple[int, int]:
@@ -66,9 +70,11 @@ def apply_model_stack(model: nn.Module, dims, cfg: RunConfig, offload_device: st
 
     `offload_device`: where offloaded block inputs wait ("cpu", pinned on CUDA; the planner
     passes "meta": host memory it counts apart)."""
-    # 0. bf16 autocast runs: the residual stream starts in bf16 (longtrain.distributed.precision).
+    # 0. bf16 autocast runs: the residual stream starts in bf16 and linear layers keep no cast
+    #    weight copies for the backward (longtrain.distributed.precision).
     if cfg.model.dtype == "bfloat16":
         cast_embedding_output(model)
+        cast_linear_weights_in_op(model)
     # 1. Sequence parallelism: swap every VarlenAttention for its sequence-parallel version.
     if dims is not None and dims.sp_size > 1:
         parallel.apply(model, dims, cfg.parallel)

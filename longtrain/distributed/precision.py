@@ -23,8 +23,11 @@ float32 master copy in the ZeRO optimizer (initialised from the bf16-rounded wei
 DeepSpeed does), with gradients accumulated in float32 (`data_types.grad_accum_dtype`).
 none: the parameters stay float32 and the step runs under `torch.autocast(bfloat16,
 cache_enabled=False)`: each matmul casts the weight it reads, and nothing keeps a cast copy
-of every layer's weights for the whole forward (autocast's cache would); the embedding's
-output is cast to bf16 (`cast_embedding_output`), so the residual stream is bf16 here too.
+of every layer's weights for the whole forward (autocast's cache would). Linear layers cast
+inside the op and again in the backward (`cast_linear_weights_in_op`): autocast's own
+linear saves its bf16 weight copy for the backward, a bf16 copy of the model in the
+activations. The embedding's output is cast to bf16 (`cast_embedding_output`), so the
+residual stream is bf16 here too.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import contextlib
 import torch
 from torch import nn
 
+from kernels.linear import linear_cast_weight
 from longtrain.errors import ConfigError
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -108,6 +112,26 @@ def cast_embedding_output(model: nn.Module) -> None:
     embedding_module(model).register_forward_hook(_cast_output_under_autocast)
 
 
+def _linear_forward_casting_in_op(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        if module.weight.dtype != dtype:
+            return linear_cast_weight(x, module.weight, module.bias, dtype)
+    return nn.Linear.forward(module, x)
+
+
+def cast_linear_weights_in_op(model: nn.Module) -> None:
+    """Under autocast, every `nn.Linear` of the model casts its weight inside the op and
+    again in the backward (`kernels.linear.linear_cast_weight`) instead of saving a cast
+    copy; outside autocast, or when the weights already are in the autocast dtype (an engine
+    gathered them in bf16), the plain `nn.Linear.forward`. Our model and Hugging Face models
+    alike; in place."""
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.forward = _linear_forward_casting_in_op.__get__(module)
+
+
 def check_bf16_device(model_dtype: str, device: torch.device) -> None:
     """bf16 asked on a GPU without bf16 support: one line, before any work. (CPUs compute
     bf16 in software where they lack it.)"""
@@ -124,6 +148,7 @@ def check_bf16_device(model_dtype: str, device: torch.device) -> None:
 __all__ = [
     "autocast_context",
     "cast_embedding_output",
+    "cast_linear_weights_in_op",
     "check_bf16_device",
     "compute_dtype",
     "describe_precision",
