@@ -141,3 +141,36 @@ def test_a_checkpoint_of_another_model_is_one_line(tmp_path, corpus):
     assert "cannot load checkpoint" in lines[0] and "step_00000001" in lines[0]
     manifest = json.loads((run / "checkpoints" / "step_00000001" / MANIFEST).read_text())
     assert manifest["hash"] == "sha256"
+
+
+class _Payload:
+    """What a hostile extra.pt could carry: unpickling it would create `marker`."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_extra_pt_is_read_without_unpickling_objects(tmp_path, corpus):
+    """Our own files load as data (`weights_only=True`): an extra.pt holding an object, even
+    one whose manifest was rewritten to match, is one line and its code never runs."""
+    run = tmp_path / "run"
+    train(load_config([*_base(corpus, tmp_path), "train.steps=1"]), run)
+    ckpt = run / "checkpoints" / "step_00000001"
+    # What a good extra.pt holds loads as plain data.
+    extra = torch.load(ckpt / "extra.pt", weights_only=True)
+    assert extra["step"] == 1 and len(extra["rng"]) == 1
+    marker = tmp_path / "payload_ran"
+    torch.save({**extra, "scheduler": _Payload(marker)}, ckpt / "extra.pt")
+    write_manifest(ckpt, ONE)
+    proc = run_cli(
+        [*_base(corpus, tmp_path), "train.steps=2", "train.resume=auto", f"hydra.run.dir={run}"]
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert not marker.exists()
+    lines = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "cannot load checkpoint" in lines[0] and "step_00000001" in lines[0]
+    assert "never unpickled" in lines[0]

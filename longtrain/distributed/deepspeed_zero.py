@@ -147,7 +147,8 @@ class DeepSpeedRun:
         if saved != self._layout():
             raise ValueError(
                 f"{path} was saved with {saved}; this run has {self._layout()}: DeepSpeed "
-                "checkpoints resume on the same world size and ZeRO stage"
+                "checkpoints resume on the same world size and ZeRO stage (the SP method may "
+                "change); train.engine=fsdp2 checkpoints reshard to any layout"
             )
         loaded, _ = self.engine.load_checkpoint(
             str(path.parent), tag=path.name, load_lr_scheduler_states=False

@@ -15,6 +15,7 @@ among the `keep_last` kept ones, or delete a checkpoint newer than the oldest ke
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
 import shutil
@@ -41,9 +42,12 @@ class CheckpointError(LongtrainError, RuntimeError):
 
 
 def rng_state() -> dict:
+    """This process's RNG states as plain data (tensors, ints, tuples, None): what
+    `torch.load(weights_only=True)` reads back without unpickling any object."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
         "python": random.getstate(),
     }
     if torch.cuda.is_available():
@@ -52,8 +56,10 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` returned."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -209,6 +215,7 @@ class Checkpointer:
 
     def load(self, path: Path, model, optimizer, scheduler, loader) -> int:
         """Restore everything saved at `path`; returns the number of steps already done."""
+        extra = _load_extra(path)
         try:
             if self.engine is not None:
                 self.engine.load(path)
@@ -222,7 +229,6 @@ class Checkpointer:
                     model_state_dict=state["model"],
                     optim_state_dict=state["optim"],
                 )
-            extra = torch.load(path / "extra.pt", weights_only=False)
         # DCP's CheckpointException derives from BaseException; any reader error means the
         # files do not fit this run (another model size, a missing shard).
         except (Exception, CheckpointException) as err:
@@ -233,9 +239,31 @@ class Checkpointer:
             ) from err
         scheduler.load_state_dict(extra["scheduler"])
         loader.load_state_dict(extra["loader"])
-        if extra["world_size"] == self.env.world_size:
-            set_rng_state(extra["rng"][self.env.rank])
+        set_rng_state(_rng_for_rank(extra["rng"], self.env))
         return int(extra["step"])
+
+
+def _load_extra(path: Path) -> dict:
+    """`extra.pt` as data: tensors and plain containers only, so loading runs no code."""
+    try:
+        return torch.load(path / "extra.pt", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"cannot load checkpoint {path}: its extra.pt holds objects other than tensors "
+            "and plain data (written by a longtrain before 2026-11, or not by longtrain), and "
+            "checkpoint files are never unpickled; resume from another checkpoint"
+        ) from None
+
+
+def _rng_for_rank(saved: list[dict], env: DistEnv) -> dict:
+    """The RNG state this rank continues from. At the world size of the save, its own. At
+    another (a layout change), rank 0's on every rank: every rank seeds alike at start and a
+    step draws no rank-dependent random numbers (the data order comes from the loader's
+    seeded schedule, not from these generators), so the saved states are all equal and any
+    one of them continues the run exactly."""
+    if len(saved) == env.world_size:
+        return saved[env.rank]
+    return saved[0]
 
 
 def _structure_problem(path: Path) -> str | None:
