@@ -43,6 +43,7 @@ from longtrain.config.hf import (
     load_hf_config,
     model_fields,
 )
+from longtrain.model.hf_shards import params_on_meta
 from longtrain.model.llama import TiledLossHead
 
 log = logging.getLogger(__name__)
@@ -216,7 +217,8 @@ def build_hf_model(cfg: ModelConfig, seed: int, device: torch.device | str = "cp
 
     Parameters are float32 (the master weights of bfloat16 runs) or float64 for float64 runs,
     as for our own model. Raises ValueError when `cfg` disagrees with config.json or the
-    checkpoint lacks weights the model needs.
+    checkpoint lacks weights the model needs. `device="meta"`: parameters without storage
+    (buffers computed), for a meta start that loads the weights into shards afterwards.
     """
     from transformers import AutoModelForCausalLM
 
@@ -224,6 +226,16 @@ def build_hf_model(cfg: ModelConfig, seed: int, device: torch.device | str = "cp
     check_model_config(cfg, config)
     config.use_cache = False
     register_attention()
+    param_dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
+    if torch.device(device).type == "meta":
+        # Parameters without storage, buffers computed: the weights come later, sharded
+        # (`longtrain.model.hf_shards.load_hf_shards`).
+        with params_on_meta():
+            hf_model = AutoModelForCausalLM.from_config(
+                config, attn_implementation=ATTN_IMPLEMENTATION, dtype=torch.float32
+            )
+        attach_varlen_attention(hf_model, cfg.attn_backend)
+        return HFCausalLM(cfg, hf_model.to(dtype=param_dtype))
     # Loaded and initialised in float32 whatever the run's dtype: the init does not depend on it.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # from_config's init, and anything the checkpoint lacks
@@ -248,7 +260,6 @@ def build_hf_model(cfg: ModelConfig, seed: int, device: torch.device | str = "cp
             )
             log.info("model=hf: no weights in %s, random init (seed %d)", cfg.path, seed)
     attach_varlen_attention(hf_model, cfg.attn_backend)
-    param_dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
     return HFCausalLM(cfg, hf_model.to(device=device, dtype=param_dtype))
 
 

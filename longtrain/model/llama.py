@@ -25,6 +25,7 @@ from kernels.loss import linear_cross_entropy
 from kernels.norm import rms_norm
 from kernels.rope import apply_rope
 from longtrain.config import ModelConfig
+from longtrain.model.sharded_init import copy_full_into, copy_rows_into, local_rows, normal_rows
 
 
 class RMSNorm(nn.Module):
@@ -154,16 +155,25 @@ class Transformer(TiledLossHead, nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
-        """Deterministic init from `seed` alone, so every rank builds identical weights."""
+        """Deterministic init from `seed` alone: the same full weights on every rank, at any
+        world size and layout. Parameters may be sharded (FSDP2's DTensors, after a meta
+        start): each tensor's full values are drawn in turn, in row chunks, and this rank keeps
+        the rows of its shard (`longtrain.model.sharded_init`), so it never holds more than
+        its shards plus one chunk."""
         gen = torch.Generator(device="cpu").manual_seed(seed)
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.n_layers)  # residual projections, GPT-2 style
         for name, p in self.named_parameters():
             if p.dim() == 1:
-                p.fill_(1.0)  # norm weights
+                copy_full_into(p, torch.ones(p.shape))  # norm weights
                 continue
             scale = out_std if name.endswith(("wo.weight", "w2.weight")) else std
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(scale))
+            if local_rows(p) is None:
+                full = torch.cat([rows for _, rows in normal_rows(gen, p.shape, scale)])
+                copy_full_into(p, full)
+                continue
+            for first_row, rows in normal_rows(gen, p.shape, scale):
+                copy_rows_into(p, first_row, rows)
 
 
 def set_rope_theta(model: nn.Module, theta: float) -> None:

@@ -1,0 +1,152 @@
+"""Hugging Face safetensors weights read straight into this rank's shards.
+
+`params_on_meta` builds a transformers model whose parameters have no storage (buffers such
+as the rotary tables are computed as usual); once it is parallelised and sharded and its
+parameters given storage (`to_empty`), `load_hf_shards` reads, for every parameter, only the
+rows this rank holds (safetensors' sliced reads of a memory-mapped file), single-file or
+indexed multi-file, in whatever float dtype the file has, converted to the parameter's. A
+rank's host memory during the load is its shards plus one slice.
+
+Every problem is found before a byte is copied: a shard file the index names but the
+directory lacks, a tensor the model needs that no file has, a tensor of another shape or of
+a dtype that is not a float.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from longtrain.model.sharded_init import copy_full_into, local_rows
+
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+# safetensors dtype names of the float tensors a checkpoint may hold.
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+
+
+class HFWeightsError(ValueError):
+    """Weights in a Hugging Face directory that do not fit the model; names the tensor or
+    the file."""
+
+
+@contextlib.contextmanager
+def params_on_meta():
+    """Inside, every parameter a module registers is created on the meta device (no
+    storage); buffers are computed as usual."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        # One already on meta is registered as it is: tying (`lm_head.weight =
+        # embed_tokens.weight`) must keep one object.
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def has_safetensors(path: str | Path) -> bool:
+    """Whether `path` holds safetensors weights (one file or an index)."""
+    return (Path(path) / SINGLE).is_file() or (Path(path) / INDEX).is_file()
+
+
+def weight_files(path: str | Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file that holds it. Raises HFWeightsError when the
+    index names a file the directory lacks."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if (path / INDEX).is_file():
+        weight_map = json.loads((path / INDEX).read_text())["weight_map"]
+        files = {name: path / file for name, file in weight_map.items()}
+        missing = sorted({f.name for f in files.values() if not f.is_file()})
+        if missing:
+            raise HFWeightsError(
+                f"{path / INDEX} names {len(missing)} file(s) that {path} lacks (first: "
+                f"{missing[0]}); download the whole checkpoint"
+            )
+        return files
+    with safe_open(str(path / SINGLE), "pt") as f:
+        return dict.fromkeys(f.keys(), path / SINGLE)
+
+
+def _checked_slices(model: nn.Module, path: Path, prefix: str) -> dict[str, Path]:
+    """Parameter name -> file, after checking every tensor's presence, shape and dtype."""
+    from safetensors import safe_open
+
+    files = weight_files(path)
+    wanted = {name: p for name, p in model.named_parameters()}
+    where = {}
+    for name in wanted:
+        key = name.removeprefix(prefix)
+        if key not in files:
+            raise HFWeightsError(
+                f"the weights in {path} lack {key}, which the model needs; check that "
+                "config.json matches them"
+            )
+        where[name] = files[key]
+    by_file: dict[Path, list[str]] = {}
+    for name, file in where.items():
+        by_file.setdefault(file, []).append(name)
+    for file, names in by_file.items():
+        with safe_open(str(file), "pt") as f:
+            for name in names:
+                key = name.removeprefix(prefix)
+                piece = f.get_slice(key)
+                shape, dtype = tuple(piece.get_shape()), piece.get_dtype()
+                if shape != tuple(wanted[name].shape):
+                    raise HFWeightsError(
+                        f"{key} in {file} has shape {list(shape)}; the model needs "
+                        f"{list(wanted[name].shape)} (config.json and the weights disagree)"
+                    )
+                if dtype not in FLOAT_DTYPES:
+                    raise HFWeightsError(
+                        f"{key} in {file} is {dtype}; weights must be float (F32, BF16, F16, F64)"
+                    )
+    return where
+
+
+@torch.no_grad()
+def load_hf_shards(model: nn.Module, path: str | Path, prefix: str = "hf.") -> None:
+    """Fill every parameter of `model` (materialised, possibly sharded) from the safetensors
+    weights in `path`, reading only the rows this rank holds. Parameter names are the
+    file's under `prefix`. Raises HFWeightsError before copying anything when the files do
+    not fit the model."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    where = _checked_slices(model, path, prefix)
+    params = dict(model.named_parameters())
+    by_file: dict[Path, list[str]] = {}
+    for name, file in where.items():
+        by_file.setdefault(file, []).append(name)
+    for file, names in by_file.items():
+        with safe_open(str(file), "pt") as f:
+            for name in names:
+                param, key = params[name], name.removeprefix(prefix)
+                rows = local_rows(param)
+                if rows is None:
+                    copy_full_into(param, f.get_tensor(key).to(param.dtype))
+                    continue
+                start, stop = rows
+                local = param.to_local() if hasattr(param, "to_local") else param
+                if stop > start:
+                    local.copy_(f.get_slice(key)[start:stop].to(param.dtype))
+
+
+__all__ = [
+    "HFWeightsError",
+    "has_safetensors",
+    "load_hf_shards",
+    "params_on_meta",
+    "weight_files",
+]
