@@ -52,7 +52,7 @@ class SlurmJob:
     runs_root: str = "runs"
     workdir: str = "."  # where the job starts (relative paths in overrides resolve here)
     max_restarts: int = 1  # torchrun restarts of the worker group within one allocation
-    signal_s: int = 120  # USR1 this many seconds before the time limit: requeue
+    signal_s: int = 120  # USR1 this long before the time limit: save, then requeue
     requeue_on_term: bool = False  # also requeue on SIGTERM (clusters that preempt with TERM)
     rdzv_port: int = 0  # 0: derived from the job id (20000 + id % 20000)
     log_ranks: str = "0"  # local ranks on the console ("all": every rank); all go to logs/
@@ -64,6 +64,8 @@ class SlurmJob:
             raise ValueError(f"--nodes {self.nodes}: need at least one node")
         if self.gpus_per_node < 1:
             raise ValueError(f"--gpus-per-node {self.gpus_per_node}: need at least one per node")
+        if self.signal_s < 1:
+            raise ValueError(f"--signal-s {self.signal_s}: must be 1 or more")
         if self.max_restarts < 0:
             raise ValueError(f"--max-restarts {self.max_restarts}: must be 0 or more")
         if not 0 <= self.rdzv_port < 65536:
@@ -78,6 +80,12 @@ class SlurmJob:
                 raise ValueError(f"{o!r} is not a Hydra override (key=value)")
         if re.search(r"\s", self.log_dir):
             raise ValueError(f"the Slurm log directory {self.log_dir!r} must not contain spaces")
+
+    @property
+    def shutdown_s(self) -> int:
+        """Seconds torchrun gives its workers to save after USR1 before it kills them: the
+        warning time less a margin for torchrun, srun and the requeue to end in time."""
+        return self.signal_s - min(30, self.signal_s // 4)
 
     @property
     def log_dir(self) -> str:
@@ -115,6 +123,7 @@ def render_sbatch(job: SlurmJob, template: Path = TEMPLATE) -> str:
         "GPUS_PER_NODE": str(job.gpus_per_node),
         "LOG_DIR": job.log_dir,
         "SIGNAL_S": str(job.signal_s),
+        "SHUTDOWN_S": str(job.shutdown_s),
         "EXTRA_SBATCH": "\n".join(_sbatch_lines(job)),
         "WORKDIR": shlex.quote(str(Path(job.workdir).resolve())),
         "RUN_DIR": _run_dir_expr(job),
@@ -232,7 +241,13 @@ def parse_command(argv: list[str] | None = None) -> tuple[SlurmJob, bool, bool]:
     p.add_argument("--run-dir", default="", help="default: <runs-root>/<job-name>-<job id>")
     p.add_argument("--runs-root", default="runs")
     p.add_argument("--max-restarts", type=int, default=1, help="torchrun group restarts")
-    p.add_argument("--signal-s", type=int, default=120, help="USR1 (requeue) before time limit")
+    p.add_argument(
+        "--signal-s",
+        type=int,
+        default=120,
+        help="USR1 this many seconds before the time limit: the trainer saves after its current "
+        "step, then the job requeues (must cover one step and one checkpoint save)",
+    )
     p.add_argument("--requeue-on-term", action="store_true", help="requeue on SIGTERM too")
     p.add_argument("--rdzv-port", type=int, default=0, help="0: derived from the job id")
     p.add_argument("--log-ranks", default="0", help="local ranks on the console, or 'all'")

@@ -3,11 +3,13 @@
 Reads as the run goes: the run directory, data, model (parallelised from outside by
 `longtrain.distributed.parallelize`), optimizer; resume if asked (`start`); then one
 `_one_step` per optimizer step (`run`). Everything here is the same on every rank; only rank
-0 writes files (DCP shards excepted).
+0 writes files (DCP shards excepted). SIGTERM or SIGUSR1 (`longtrain.trainer.preemption`) stops
+the run at the next step boundary, with a checkpoint of the steps done.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,16 +22,18 @@ from longtrain.config import RunConfig
 from longtrain.config.rules import validate_run_config
 from longtrain.distributed import DistEnv, barrier
 from longtrain.distributed.deepspeed_zero import build_deepspeed
-from longtrain.distributed.parallelize import build_parallel_dims, describe_layout, parallelize
+from longtrain.distributed.meta_start import build_parallel_model
+from longtrain.distributed.parallelize import build_parallel_dims, describe_layout
 from longtrain.distributed.precision import check_bf16_device, describe_precision
 from longtrain.errors import NonFiniteError, RunInterrupted
-from longtrain.model import build_model, train_flops
+from longtrain.model import train_flops
 from longtrain.model.llama import set_rope_theta
 from longtrain.trainer.checkpoint import Checkpointer
 from longtrain.trainer.diagnostics import StepMonitor
 from longtrain.trainer.inputs import open_token_store, rank_loader
 from longtrain.trainer.metrics import MetricsLogger, device_peak_tflops, peak_memory_bytes
 from longtrain.trainer.optimizer import build_optimizer, build_scheduler
+from longtrain.trainer.preemption import PreemptionHandler
 from longtrain.trainer.run_dir import agree_run_dir, check_run_dir, save_resolved_config
 from longtrain.trainer.step import train_step
 
@@ -50,6 +54,7 @@ class Session:
     loader: object  # longtrain.data.loader.PackedLoader
     ckpt: Checkpointer
     start_step: int
+    preemption: PreemptionHandler  # installed by `start`, restored when `run` ends
 
 
 def _open_store(cfg: RunConfig, env: DistEnv):
@@ -67,7 +72,19 @@ def _open_store(cfg: RunConfig, env: DistEnv):
 
 def start(cfg: RunConfig, run_dir: Path, env: DistEnv) -> Session:
     """Check the config, agree on the run directory, open the data, build and parallelise
-    the model, and resume when asked. The order fixes what every RNG draw is used for."""
+    the model, and resume when asked. The order fixes what every RNG draw is used for.
+
+    From here on SIGTERM and SIGUSR1 are recorded, not fatal: `run` acts on them before its
+    first step (a signal during start-up) and at every step boundary."""
+    preemption = PreemptionHandler().install()
+    try:
+        return _start(cfg, run_dir, env, preemption)
+    except BaseException:
+        preemption.restore()
+        raise
+
+
+def _start(cfg: RunConfig, run_dir: Path, env: DistEnv, preemption: PreemptionHandler) -> Session:
     validate_run_config(cfg, env.world_size)
     check_bf16_device(cfg.model.dtype, env.device)
     torch.manual_seed(cfg.train.seed)
@@ -82,8 +99,9 @@ def start(cfg: RunConfig, run_dir: Path, env: DistEnv) -> Session:
         print(describe_layout(cfg, env, dims), flush=True)
         print(describe_precision(cfg.model.dtype, cfg.train.engine, env.world_size), flush=True)
 
-    model = build_model(cfg.model, seed=cfg.train.seed, device=env.device)
-    model, step_ctx = parallelize(model, dims, cfg, env, pad_id=store.pad_id)
+    # On the meta device, parallelised and sharded there, then only this rank's shards
+    # materialised (longtrain.distributed.meta_start).
+    model, step_ctx = build_parallel_model(cfg, env, dims, pad_id=store.pad_id)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
     if cfg.train.engine == "deepspeed":
@@ -97,6 +115,7 @@ def start(cfg: RunConfig, run_dir: Path, env: DistEnv) -> Session:
         cfg.train.keep_last,
         engine=step_ctx.engine,
         checksums=cfg.train.ckpt_checksums,
+        async_save=cfg.train.ckpt_async,
     )
     start_step = 0
     resume_from = ckpt.resolve(cfg.train.resume)
@@ -105,8 +124,9 @@ def start(cfg: RunConfig, run_dir: Path, env: DistEnv) -> Session:
         if env.is_main:
             print(f"resumed from {resume_from} at step {start_step}", flush=True)
     return Session(
-        cfg, env, run_dir, model, optimizer, scheduler, step_ctx, loader, ckpt, start_step
-    )
+        cfg, env, run_dir, model, optimizer, scheduler, step_ctx, loader, ckpt, start_step,
+        preemption,
+    )  # fmt: skip
 
 
 def _one_step(s: Session, step: int, batches, logger: MetricsLogger, monitor: StepMonitor):
@@ -127,8 +147,8 @@ def _one_step(s: Session, step: int, batches, logger: MetricsLogger, monitor: St
     logger.log(record)
     if record["skipped"] and not s.cfg.train.skip_nonfinite:
         return record  # `run` stops the run
-    done, t = step + 1, s.cfg.train
-    if (t.ckpt_every and done % t.ckpt_every == 0) or (t.ckpt_final and done == t.steps):
+    done = step + 1
+    if _checkpoint_due(done, s.cfg):
         monitor.mark("checkpoint save")
         s.ckpt.save(done, s.model, s.optimizer, s.scheduler, s.loader)
     return record
@@ -138,7 +158,24 @@ def run(s: Session, step_callbacks: Sequence[StepCallback] = ()) -> Path:
     """Train from `s.start_step` to `train.steps`; returns the run directory.
 
     Each of `step_callbacks` is called as `callback(step, record)` on every rank once step
-    `step` is done (logged, and checkpointed when due)."""
+    `step` is done (logged, and checkpointed when due). After SIGTERM or SIGUSR1 on any rank
+    the run stops at the next step boundary with a checkpoint of the steps done, and returns
+    as a finished run does (exit status 0: see `_stop_if_signalled`)."""
+    try:
+        # A signal during start-up: stop before anything is written (the metrics logger
+        # already rewrites metrics.jsonl on resume); every rank agrees, as at each boundary.
+        signalled = s.preemption.agreed(s.env)
+        if signalled is not None:
+            s.loader.close()
+            if s.env.is_main:
+                print(_startup_message(signalled.name, s), file=sys.stderr, flush=True)
+            return s.run_dir
+        return _train(s, step_callbacks)
+    finally:
+        s.preemption.restore()
+
+
+def _train(s: Session, step_callbacks: Sequence[StepCallback]) -> Path:
     cfg, env = s.cfg, s.env
     logger = MetricsLogger(
         s.run_dir,
@@ -160,7 +197,7 @@ def run(s: Session, step_callbacks: Sequence[StepCallback] = ()) -> Path:
     )
     s.model.train()
     batches = iter(s.loader)
-    step, interrupted = s.start_step, False
+    step, interrupted, preempted = s.start_step, False, False
     try:
         with monitor:
             for step in range(s.start_step, cfg.train.steps):
@@ -170,20 +207,61 @@ def run(s: Session, step_callbacks: Sequence[StepCallback] = ()) -> Path:
                     monitor.mark("step callbacks")
                     for callback in () if stop else step_callbacks:
                         callback(step, record)
+                    preempted = not stop and _stop_if_signalled(s, step, monitor)
                 # Decided from the global loss and norm, so every rank stops here together
                 # (outside the monitor, which would report it as a crash of one rank).
                 if stop:
+                    s.ckpt.wait()  # the save in flight, from before the bad step, completes
                     raise NonFiniteError(_nonfinite_message(record, s.ckpt))
+                if preempted:
+                    break
+            monitor.mark("checkpoint wait")
+            s.ckpt.wait()  # train.ckpt_async: the last save becomes complete and visible
     except KeyboardInterrupt:
         interrupted = True
         raise RunInterrupted(_interrupt_message(step, s.ckpt, s.run_dir)) from None
     finally:
         s.loader.close()  # stop the prefetch thread, also when a step failed
-        plot = logger.close(draw_plot=not interrupted)  # a stopped run's plot helps too
+        # A stopped run's plot helps too; not a preempted one's (the next start draws it, and
+        # the time before the launcher's SIGKILL is better left to exiting).
+        plot = logger.close(draw_plot=not (interrupted or preempted))
     barrier(env)
     if env.is_main:
         _print_outputs(s, plot)
     return s.run_dir
+
+
+def _checkpoint_due(done: int, cfg: RunConfig) -> bool:
+    """Whether the schedule saves a checkpoint once `done` steps are done (same on all ranks)."""
+    t = cfg.train
+    return bool(t.ckpt_every and done % t.ckpt_every == 0) or (t.ckpt_final and done == t.steps)
+
+
+def _stop_if_signalled(s: Session, step: int, monitor: StepMonitor) -> bool:
+    """At the boundary after step `step` (collective): whether some rank got SIGTERM or
+    SIGUSR1; if so, save the steps done (unless the schedule just did) and say so on rank 0.
+
+    The run then ends like a finished one, with exit status 0: under torchrun a nonzero
+    status of a worker makes the agent restart the whole group (--max-restarts), which would
+    train on where the launcher asked to stop. Who signalled knows why (the Slurm script
+    requeues the job); the line printed here names the signal."""
+    monitor.mark("preemption check")
+    signalled = s.preemption.agreed(s.env)
+    if signalled is None:
+        return False
+    done = step + 1
+    if not _checkpoint_due(done, s.cfg):  # else `_one_step` has just saved this state
+        monitor.mark("checkpoint save (preempted)")
+        s.ckpt.save(done, s.model, s.optimizer, s.scheduler, s.loader)
+    if s.env.is_main:
+        print(
+            f"{signalled.name}: stopped after step {step} ({done} of {s.cfg.train.steps} done), "
+            f"saved as {s.ckpt.root}/step_{done:08d}; continue with train.resume=auto "
+            f"hydra.run.dir={s.run_dir}",
+            file=sys.stderr,
+            flush=True,
+        )
+    return True
 
 
 def _print_outputs(s: Session, plot: Path | None) -> None:
@@ -213,6 +291,14 @@ def _interrupt_message(step: int, ckpt: Checkpointer, run_dir: Path) -> str:
     return (
         f"interrupted during step {step}; resume from {_newest(ckpt)} with "
         f"train.resume=auto hydra.run.dir={run_dir}"
+    )
+
+
+def _startup_message(signal_name: str, s: Session) -> str:
+    return (
+        f"{signal_name} during start-up: stopped before step {s.start_step}; nothing was "
+        f"trained, no metrics or checkpoint written (newest: {_newest(s.ckpt)}); continue "
+        f"with train.resume=auto hydra.run.dir={s.run_dir}"
     )
 
 

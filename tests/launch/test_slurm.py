@@ -1,6 +1,8 @@
 """launch.slurm and launch/slurm.sbatch without a cluster: the rendered script is run by bash
 with stand-ins for srun, scontrol and sbatch (small scripts on PATH that record what they were
-asked), so the checks see the arguments after bash has expanded them."""
+asked), so the checks see the arguments after bash has expanded them. The stand-ins behave as
+the real commands do where the script relies on it: srun passes USR1 on to its tasks, and
+`scontrol requeue` ends the job's steps."""
 
 from __future__ import annotations
 
@@ -30,28 +32,51 @@ case "$1 $2" in
     n=${3//[^0-9-]/}; n=${n#*-}
     for ((i = 1; i <= 10#$n; i++)); do printf 'gpu%03d\n' "$i"; done ;;
 "requeue "*)
-    echo "requeue $2" >>"$SHIM_DIR/scontrol.log"
-    kill "$(cat "$SHIM_DIR/srun.pid")" ;;
+    srun_pid=$(cat "$SHIM_DIR/srun.pid")
+    if kill -0 "$srun_pid" 2>/dev/null; then
+        echo "requeue $2 while srun runs" >>"$SHIM_DIR/scontrol.log"
+        kill "$srun_pid"
+    else
+        echo "requeue $2 after srun" >>"$SHIM_DIR/scontrol.log"
+    fi ;;
 *) echo "scontrol stand-in: unexpected $*" >&2; exit 1 ;;
 esac
 """
 
 SRUN = r"""#!/bin/bash
-# stand-in: record the arguments; then, as SRUN_MODE says, exit, sleep (a long job step), or
-# run the command once per node of the allocation.
+# stand-in: record the arguments; then, as SRUN_MODE says, exit, sleep (a long job step that
+# stands for a trainer: on USR1 it "saves" and exits 0), or run the command once per node of
+# the allocation, passing USR1 on to each. srun.pid is written once the traps are set.
 printf '%s\0' "$@" >"$SHIM_DIR/srun.args"
-echo $$ >"$SHIM_DIR/srun.pid"
 case "${SRUN_MODE:-record}" in
-record) exit 0 ;;
-sleep) exec sleep 60 ;;
+record) echo $$ >"$SHIM_DIR/srun.pid"; exit 0 ;;
+sleep)
+    sleep 60 &
+    child=$!
+    trap 'echo USR1 >>"$SHIM_DIR/srun.signals"; kill "$child"; exit 0' USR1
+    trap 'kill "$child"; exit 143' TERM
+    echo $$ >"$SHIM_DIR/srun.pid"
+    wait "$child" ;;
 run)
     while [[ "$1" == --* ]]; do shift; done
     pids=()
+    trap 'echo USR1 >>"$SHIM_DIR/srun.signals"; kill -USR1 "${pids[@]}"' USR1
     for ((n = 0; n < SLURM_JOB_NUM_NODES; n++)); do SLURM_NODEID=$n "$@" & pids+=($!); done
+    echo $$ >"$SHIM_DIR/srun.pid"
     rc=0
-    for p in "${pids[@]}"; do wait "$p" || rc=$?; done
+    for p in "${pids[@]}"; do
+        # A trapped signal ends `wait` early: wait again until the task has ended.
+        while wait "$p"; st=$?; kill -0 "$p" 2>/dev/null; do :; done
+        [[ "$st" -eq 0 ]] || rc=$st
+    done
     exit $rc ;;
 esac
+"""
+
+PYTHON = r"""#!/bin/bash
+# stand-in for the job's python, for `-m torch.distributed.run --help` only: a torchrun with
+# or without the options that let it pass USR1 on to its workers.
+echo "usage: torchrun [--max-restarts MAX_RESTARTS] ${FAKE_TORCHRUN_OPTIONS:-}"
 """
 
 SBATCH = r"""#!/bin/bash
@@ -67,7 +92,12 @@ def shims(tmp_path, monkeypatch) -> Path:
     """A directory of stand-ins first on PATH; returns where they write their records."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for name, text in (("scontrol", SCONTROL), ("srun", SRUN), ("sbatch", SBATCH)):
+    for name, text in (
+        ("scontrol", SCONTROL),
+        ("srun", SRUN),
+        ("sbatch", SBATCH),
+        ("fake-python", PYTHON),
+    ):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
@@ -157,6 +187,9 @@ def test_dry_run_4x8_has_the_right_torchrun_arguments(shims, capsys):
         f"--rdzv_endpoint=gpu001:{20000 + JOB_ID % 20000}",  # the first node of the job
         f"--rdzv_id={JOB_ID}",
         "--max-restarts=2",
+        # torchrun passes USR1 on to its workers and gives them 90 s (120 less a margin) to save
+        "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+        "--shutdown-timeout=90",
         f"--log-dir={run_dir}/logs",
         "--tee=3",
         "--local-ranks-filter=0",
@@ -194,39 +227,104 @@ def _wait_for(path: Path, timeout_s: float = 20.0) -> None:
         time.sleep(0.05)
 
 
+FORWARDS = "[--signals-to-handle SIGNALS_TO_HANDLE] [--shutdown-timeout SHUTDOWN_TIMEOUT]"
+
+
 @pytest.mark.parametrize(
-    ("sig", "requeue_on_term", "requeued"),
+    ("sig", "requeue_on_term", "options", "outcome"),
     [
-        (signal.SIGUSR1, False, True),
-        (signal.SIGTERM, False, False),  # scancel: the job must stay cancelled
-        (signal.SIGTERM, True, True),
+        (signal.SIGUSR1, False, FORWARDS, "saved, then requeued"),
+        (signal.SIGTERM, False, FORWARDS, "stopped"),  # scancel: the job must stay cancelled
+        (signal.SIGTERM, True, FORWARDS, "saved, then requeued"),
+        # A torchrun without --signals-to-handle would die of USR1 and its workers unsaved: the
+        # signal is not passed on, the job is requeued at once (from the newest checkpoint).
+        (signal.SIGUSR1, False, "", "requeued at once"),
     ],
+    ids=["usr1", "term", "term-requeues", "usr1-old-torchrun"],
 )
-def test_signal_requeues_the_job(shims, sig, requeue_on_term, requeued):
-    script = render_sbatch(SlurmJob(nodes=2, gpus_per_node=1, requeue_on_term=requeue_on_term))
-    job = _run_batch(script, shims, nodes=2, SRUN_MODE="sleep")
+def test_signal_is_passed_to_the_trainer_and_the_job_requeued_after(
+    shims, sig, requeue_on_term, options, outcome
+):
+    job = SlurmJob(nodes=2, gpus_per_node=1, requeue_on_term=requeue_on_term,
+                   python=str(shims / "bin" / "fake-python"))  # fmt: skip
+    proc = _run_batch(
+        render_sbatch(job), shims, nodes=2, SRUN_MODE="sleep", FAKE_TORCHRUN_OPTIONS=options
+    )
     _wait_for(shims / "srun.pid")
-    job.send_signal(sig)
+    proc.send_signal(sig)
     head = ""
-    if not requeued:  # Slurm signals the job steps too; here only the batch shell got it
+    if outcome == "stopped":  # Slurm signals the job steps too; here only the batch shell got it
         # Once the shell has handled TERM (its line is out), srun gets it too.
         while "got SIGTERM" not in head:
-            line = job.stdout.readline()
+            line = proc.stdout.readline()
             assert line, f"the job ended without handling SIGTERM: {head}"
             head += line
         os.kill(int((shims / "srun.pid").read_text()), signal.SIGTERM)
-    log, _ = job.communicate(timeout=30)
+    log, _ = proc.communicate(timeout=30)
     log = head + log
     scontrol_log = shims / "scontrol.log"
-    if requeued:
-        assert scontrol_log.read_text() == f"requeue {JOB_ID}\n"
-        assert f"got SIG{sig.name[3:]}: requeueing" in log
+    passed_on = shims / "srun.signals"
+    name = sig.name[3:]
+    if outcome == "saved, then requeued":
+        # USR1 (never TERM, which srun turns into SIGKILL) reached srun's tasks; the stand-in
+        # trainer saved and exited 0; only then was the job requeued.
+        assert passed_on.read_text() == "USR1\n"
+        assert f"got SIG{name}: passing USR1 to the trainer" in log
+        assert "srun exited with status 0" in log
+        assert scontrol_log.read_text() == f"requeue {JOB_ID} after srun\n"
+        assert proc.returncode == 0
+    elif outcome == "requeued at once":
+        assert "this torchrun cannot pass USR1 on (no --signals-to-handle)" in log
+        assert not passed_on.exists()
+        assert scontrol_log.read_text() == f"requeue {JOB_ID} while srun runs\n"
+        # Slurm ends the job step at the requeue (the stand-in: TERM to srun).
+        assert f"srun exited with status {128 + signal.SIGTERM}" in log
     else:
-        assert not scontrol_log.exists()
+        assert not scontrol_log.exists() and not passed_on.exists()
         assert "got SIGTERM: stopping (no requeue)" in log
-    # The script waited for srun (killed by TERM) and passed its status on.
-    assert f"srun exited with status {128 + signal.SIGTERM}" in log
-    assert job.returncode == 128 + signal.SIGTERM
+        # The script waited for srun (killed by TERM) and passed its status on.
+        assert f"srun exited with status {128 + signal.SIGTERM}" in log
+        assert proc.returncode == 128 + signal.SIGTERM
+
+
+@pytest.mark.distributed
+def test_usr1_reaches_the_trainer_which_saves_before_the_job_is_requeued(shims, corpus):
+    """The whole chain with the real trainer: USR1 to the batch shell -> srun (stand-in) ->
+    torchrun -> both workers, which finish their step, save and exit; then the requeue."""
+    from longtrain.trainer.checkpoint import check_checkpoint, complete_checkpoints
+    from tests.test_train import SMALL, data_overrides
+
+    overrides = [*SMALL, *data_overrides(corpus, shims / "store"), "train.steps=100000",
+                 "logging.plot=false"]  # fmt: skip
+    job = SlurmJob(nodes=1, gpus_per_node=2, rdzv_port=free_port(), overrides=overrides)
+    proc = _run_batch(
+        render_sbatch(job), shims, nodes=1, SRUN_MODE="run", FAKE_HOSTS="127.0.0.1",
+        PYTHONPATH=str(REPO),
+    )  # fmt: skip
+    run_dir = shims / "runs" / f"longtrain-{JOB_ID}"
+    try:
+        # Wait (by events, not by a clock budget) until two steps are logged: the signal then
+        # comes mid-run, at no particular point of a step.
+        metrics = run_dir / "metrics.jsonl"
+        deadline = time.monotonic() + 240
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+            assert proc.poll() is None, proc.communicate()[0][-3000:]
+            assert time.monotonic() < deadline, "the run logged no two steps"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGUSR1)
+        log, _ = proc.communicate(timeout=180)
+    finally:
+        proc.kill()
+    assert "got SIGUSR1: passing USR1 to the trainer" in log, log[-3000:]
+    assert (shims / "srun.signals").read_text() == "USR1\n"
+    (line,) = [x for x in log.splitlines() if "SIGUSR1: stopped after step" in x]
+    steps = len(metrics.read_text().splitlines())
+    assert f"stopped after step {steps - 1} ({steps} of 100000 done)" in line
+    newest = complete_checkpoints(run_dir / "checkpoints")[-1]
+    assert newest.name == f"step_{steps:08d}"
+    check_checkpoint(newest)
+    assert "forcefully exiting" not in log  # torchrun did not have to kill a worker
+    assert (shims / "scontrol.log").read_text() == f"requeue {JOB_ID} after srun\n"
 
 
 def test_submit_writes_the_script_and_calls_sbatch(shims, capsys):

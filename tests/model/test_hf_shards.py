@@ -13,15 +13,15 @@ import torch
 
 pytest.importorskip("transformers")
 
-from longtrain.config import RunConfig  # noqa: E402
-from longtrain.config.hf import hf_model_config  # noqa: E402
-from longtrain.distributed import DistEnv  # noqa: E402
-from longtrain.distributed.meta_start import build_parallel_model, starts_on_meta  # noqa: E402
-from longtrain.distributed.parallelize import build_parallel_dims  # noqa: E402
-from longtrain.model import build_model  # noqa: E402
-from longtrain.model.hf_shards import HFWeightsError, load_hf_shards  # noqa: E402
-from tests.hf_cases import FAMILIES, F64, save_hf_model  # noqa: E402
-from tests.spawn import spawn  # noqa: E402
+from longtrain.config import RunConfig
+from longtrain.config.hf import hf_model_config
+from longtrain.distributed import DistEnv
+from longtrain.distributed.meta_start import build_parallel_model, starts_on_meta
+from longtrain.distributed.parallelize import build_parallel_dims
+from longtrain.model import build_model
+from longtrain.model.hf_shards import HFWeightsError, load_hf_shards
+from tests.hf_cases import F64, FAMILIES, save_hf_model
+from tests.spawn import spawn
 
 CPU = torch.device("cpu")
 
