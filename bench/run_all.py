@@ -13,6 +13,8 @@ BENCHMARKS = [
     "bench.sp_attention",
     "bench.alst",
     "bench.memory",
+    "bench.startup_memory",
+    "bench.ckpt_save",
 ]
 
 

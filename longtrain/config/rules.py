@@ -175,6 +175,11 @@ def _check_train(cfg: RunConfig) -> None:
     check_memory(t.memory)
     if t.engine == "deepspeed":
         check_deepspeed(cfg)
+        if t.ckpt_async:
+            raise ConfigError(
+                "train.ckpt_async=true needs train.engine=fsdp2 or none: DeepSpeed writes its "
+                "own checkpoints, synchronously"
+            )
 
 
 def _check_optim(cfg: RunConfig) -> None:

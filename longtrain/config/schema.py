@@ -137,6 +137,7 @@ class TrainConfig:
     ckpt_final: bool = True  # save a checkpoint after the last step
     keep_last: int = 2  # verified checkpoints to keep (0: all); a failing one never counts
     ckpt_checksums: bool = True  # sha256 of every checkpoint file, written at save, checked at load
+    ckpt_async: bool = False  # DCP async_save: stage to host, write while training goes on
     skip_nonfinite: bool = False  # a non-finite loss/grad norm skips the update (default: stop)
     resume: str = "none"  # none | auto (newest complete checkpoint in the run dir) | PATH
     deterministic: bool = False  # torch.use_deterministic_algorithms

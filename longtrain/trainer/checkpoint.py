@@ -20,6 +20,7 @@ import random
 import re
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -107,9 +108,26 @@ def parameters_finite(model: torch.nn.Module, env: DistEnv) -> bool:
     return flag.item() == 0
 
 
+@dataclass
+class _PendingSave:
+    """An asynchronous save whose shards are still being written in the background."""
+
+    step: int
+    tmp: Path
+    final: Path
+    extra: dict | None  # what rank 0 writes to extra.pt once the shards are done
+    written: object  # DCP's Future (or AsyncSaveResponse) of the shards
+
+
 class Checkpointer:
     def __init__(
-        self, run_dir: Path, env: DistEnv, keep_last: int, engine=None, checksums: bool = True
+        self,
+        run_dir: Path,
+        env: DistEnv,
+        keep_last: int,
+        engine=None,
+        checksums: bool = True,
+        async_save: bool = False,
     ) -> None:
         self.root = Path(run_dir) / "checkpoints"
         self.env = env
@@ -117,6 +135,14 @@ class Checkpointer:
         self.engine = engine  # a DeepSpeedRun saves and loads model and optimizer itself
         self.checksums = checksums  # sha256 of every file (else sizes only)
         self.good: set[int] = set()  # steps of checkpoints this run wrote or verified
+        # train.ckpt_async: DCP's background writer coordinates the ranks over a gloo group of
+        # its own, so its collectives never interleave with the training step's (torchtitan
+        # does the same). Creating a group is collective: every rank builds its Checkpointer.
+        self.async_save = async_save and engine is None
+        self._group = None
+        if self.async_save and env.distributed:
+            self._group = dist.new_group(backend="gloo")
+        self._pending: _PendingSave | None = None
 
     def resolve(self, resume: str) -> Path | None:
         """The checkpoint to resume from: `none`, `auto` (the newest complete one that passes
@@ -156,8 +182,15 @@ class Checkpointer:
 
     def save(self, step: int, model, optimizer, scheduler, loader) -> Path:
         """Write the state after `step` optimizer steps; returns the final directory.
+        Collective.
+
+        Synchronous: complete and visible when this returns. With `async_save`: the state is
+        staged to host memory here and written in the background; the checkpoint is
+        completed (extra.pt, manifest, the rename that makes it visible) by the next `save`
+        or by `wait`, whichever comes first, so a resume never sees a partial one.
 
         Raises CheckpointError (before writing anything) when a parameter is not finite."""
+        self.wait()  # one save at a time: the previous one completes first
         if not parameters_finite(model, self.env):
             raise CheckpointError(
                 f"not saving a checkpoint at step {step}: the parameters hold NaN or inf"
@@ -168,38 +201,74 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)  # debris of a save that crashed
             tmp.mkdir(parents=True)
         barrier(self.env)
+        written = None
         if self.engine is not None:
             self.engine.save(tmp)
         else:
             model_sd, optim_sd = get_state_dict(model, optimizer)
+            state = {"model": model_sd, "optim": optim_sd}
             try:
-                dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+                if self.async_save:
+                    written = dcp.async_save(
+                        state, checkpoint_id=str(tmp), process_group=self._group
+                    )
+                else:
+                    dcp.save(state, checkpoint_id=str(tmp))
             except CheckpointException as err:
                 _raise_interrupt(err)
                 raise
+        pending = _PendingSave(step, tmp, final, self._extra(step, scheduler, loader), written)
+        if written is not None:
+            self._pending = pending
+        else:
+            self._complete(pending)
+        return final
+
+    def wait(self) -> None:
+        """Complete the asynchronous save in flight, if any (collective): wait for its
+        shards, then write extra.pt and the manifest and make it visible."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        try:
+            result = pending.written
+            # torch returns a Future, or a response holding one for the upload.
+            (getattr(result, "upload_completion", None) or result).result()
+        except CheckpointException as err:
+            _raise_interrupt(err)
+            raise
+        self._complete(pending)
+
+    def _extra(self, step: int, scheduler, loader) -> dict | None:
+        """What extra.pt holds, as of now (collective: every rank's RNG state); rank 0's."""
         rngs = [None] * self.env.world_size
         if self.env.distributed:
             dist.all_gather_object(rngs, rng_state())
         else:
             rngs = [rng_state()]
+        if not self.env.is_main:
+            return None
+        return {
+            "step": step,
+            "scheduler": scheduler.state_dict(),
+            "loader": loader.state_dict(),
+            "rng": rngs,
+            "world_size": self.env.world_size,
+        }
+
+    def _complete(self, pending: _PendingSave) -> None:
+        """extra.pt, every rank's files hashed into the manifest, then the rename that makes
+        the checkpoint visible (collective)."""
         if self.env.is_main:
-            extra = {
-                "step": step,
-                "scheduler": scheduler.state_dict(),
-                "loader": loader.state_dict(),
-                "rng": rngs,
-                "world_size": self.env.world_size,
-            }
-            torch.save(extra, tmp / "extra.pt")
+            torch.save(pending.extra, pending.tmp / "extra.pt")
         barrier(self.env)  # every file is written: hash them
-        write_manifest(tmp, self.env, self.checksums)
+        write_manifest(pending.tmp, self.env, self.checksums)
         if self.env.is_main:
-            shutil.rmtree(final, ignore_errors=True)  # a checkpoint of this step, superseded
-            os.replace(tmp, final)
-            self.good.add(step)
+            shutil.rmtree(pending.final, ignore_errors=True)  # this step's, superseded
+            os.replace(pending.tmp, pending.final)
+            self.good.add(pending.step)
             self._prune()
         barrier(self.env)
-        return final
 
     def _prune(self) -> None:
         """Keep the newest `keep_last` good checkpoints; delete only ones older than all of

@@ -3,9 +3,12 @@
     python -m torch.distributed.run ... -m tests.launch.fault_wrapper \\
         --kill-rank 1 --kill-after-step 5 hydra.run.dir=DIR [overrides...]
     ... -m tests.launch.fault_wrapper --sleep-rank 1 --sleep-after-step 2 hydra.run.dir=DIR ...
+    ... -m tests.launch.fault_wrapper --kill-rank 1 --kill-during-save 6 hydra.run.dir=DIR ...
 
 On torchrun's first attempt (TORCHELASTIC_RESTART_COUNT=0) rank `--kill-rank` SIGKILLs itself
-once step `--kill-after-step` is done; later attempts run clean. Rank `--sleep-rank` instead
+once step `--kill-after-step` is done, or (`--kill-during-save N`) in the middle of writing
+the checkpoint of step N: its DCP shards written, the checkpoint not yet complete; later
+attempts run clean. Rank `--sleep-rank` instead
 sleeps `--sleep-s` seconds there (a hang), after writing the time to DIR/sleep_started.
 Rank 0 appends `attempt N` to DIR/attempts.txt at each start.
 """
@@ -31,6 +34,22 @@ def _kill_after(step: int):
     return callback
 
 
+def _kill_during_save(step: int) -> None:
+    """SIGKILL this process right after it wrote its DCP shards of checkpoint `step`."""
+    from longtrain.trainer import checkpoint
+
+    real_save = checkpoint.dcp.save
+
+    def save(state, checkpoint_id, **kwargs):
+        out = real_save(state, checkpoint_id=checkpoint_id, **kwargs)
+        if Path(checkpoint_id).name == f"step_{step:08d}.tmp":
+            print(f"fault_wrapper: SIGKILL during the save of step {step}", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return out
+
+    checkpoint.dcp.save = save
+
+
 def _sleep_after(step: int, seconds: float, stamp: Path):
     def callback(done_step: int, record: dict) -> None:
         if done_step == step:
@@ -45,6 +64,7 @@ def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--kill-rank", type=int, default=-1, help="-1: no kill")
     p.add_argument("--kill-after-step", type=int, default=-1)
+    p.add_argument("--kill-during-save", type=int, default=-1)
     p.add_argument("--sleep-rank", type=int, default=-1, help="-1: no sleep")
     p.add_argument("--sleep-after-step", type=int, default=-1)
     p.add_argument("--sleep-s", type=float, default=60.0)
@@ -59,7 +79,9 @@ def main(argv: list[str]) -> None:
         with open(run_dir / "attempts.txt", "a") as f:
             f.write(f"attempt {attempt}\n")
     callbacks = []
-    if attempt == 0 and rank == args.kill_rank:
+    if attempt == 0 and rank == args.kill_rank and args.kill_during_save >= 0:
+        _kill_during_save(args.kill_during_save)
+    elif attempt == 0 and rank == args.kill_rank:
         callbacks.append(_kill_after(args.kill_after_step))
     if attempt == 0 and rank == args.sleep_rank:
         stamp = run_dir / "sleep_started"

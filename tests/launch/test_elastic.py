@@ -60,14 +60,22 @@ def _losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in map(json.loads, lines)]
 
 
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory):
+    """The uninterrupted run both faults are compared with: (overrides, its losses)."""
+    root = tmp_path_factory.mktemp("elastic")
+    corpus = write_text_corpus(root / "corpus", num_docs=60)
+    overrides = [*TINY, f"data.source=dir:{corpus}", f"data.store_dir={root / 'store'}"]
+    proc = _launch(root / "clean", overrides, restarts=0)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected = _losses(root / "clean")
+    assert [s for s, _ in expected] == list(range(8))
+    return overrides, expected
+
+
 @pytest.mark.distributed
-def test_killed_rank_restarts_and_resumes_exactly(tmp_path):
-    corpus = write_text_corpus(tmp_path / "corpus", num_docs=60)
-    overrides = [*TINY, f"data.source=dir:{corpus}", f"data.store_dir={tmp_path / 'store'}"]
-
-    clean = _launch(tmp_path / "clean", overrides, restarts=0)
-    assert clean.returncode == 0, clean.stderr[-3000:]
-
+def test_killed_rank_restarts_and_resumes_exactly(tmp_path, clean):
+    overrides, expected = clean
     faulty_dir = tmp_path / "faulty"
     faulty = _launch(
         faulty_dir, overrides, "--kill-rank", "1", "--kill-after-step", "4", restarts=1
@@ -81,7 +89,27 @@ def test_killed_rank_restarts_and_resumes_exactly(tmp_path):
     assert len(restarted) == 1
     assert "step_00000004 at step 4" in restarted[0].read_text()
 
-    expected = _losses(tmp_path / "clean")
-    assert [s for s, _ in expected] == list(range(8))
     # Same layout, same arithmetic after an exact restore: equal to the last bit.
+    assert _losses(faulty_dir) == expected
+
+
+@pytest.mark.distributed
+def test_a_rank_killed_while_writing_a_checkpoint_leaves_the_previous_one_to_resume(
+    tmp_path, clean
+):
+    """Rank 1 dies after writing its shards of step 6's checkpoint, before it is complete:
+    the half-written directory is never taken; the restart resumes from step 4's."""
+    overrides, expected = clean
+    faulty_dir = tmp_path / "faulty"
+    faulty = _launch(
+        faulty_dir, overrides, "--kill-rank", "1", "--kill-during-save", "6", restarts=1
+    )
+    assert faulty.returncode == 0, faulty.stderr[-3000:]
+    assert "fault_wrapper: SIGKILL during the save of step 6" in faulty.stdout
+    restarted = list(faulty_dir.glob("logs/*/attempt_1/0/stdout.log"))
+    assert len(restarted) == 1
+    assert "step_00000004 at step 4" in restarted[0].read_text()
+    # The restart wrote step 6 again, whole; nothing half-written is left.
+    names = sorted(p.name for p in (faulty_dir / "checkpoints").iterdir())
+    assert names == [f"step_{s:08d}" for s in (2, 4, 6, 8)]
     assert _losses(faulty_dir) == expected
