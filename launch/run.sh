@@ -15,6 +15,8 @@
 #   MAX_RESTARTS   restarts of the whole worker group after a rank fails (default 0); when
 #                  above 0, `train.resume=auto` is passed so a restart continues from the newest
 #                  complete checkpoint (an explicit train.resume=... override still wins)
+#   SHUTDOWN_S     seconds torchrun waits for its workers after passing on SIGTERM or SIGUSR1
+#                  before it kills them (default: torchrun's, 30): enough for one step and a save
 #   LOG_RANKS      local ranks shown on the console, e.g. `0` or `0,3` (default: all); every
 #                  rank's output is also written under $RUN_DIR/logs/
 #   RUN_DIR        the run directory, passed as hydra.run.dir so every rank agrees
@@ -94,6 +96,20 @@ else
     die "NNODES=$NNODES: set RDZV_ENDPOINT=host:port (c10d) or MASTER_ADDR, MASTER_PORT and NODE_RANK"
 fi
 cmd+=(--max-restarts="$MAX_RESTARTS" --log-dir="$RUN_DIR/logs" --tee=3)
+# A preemption notice (SIGUSR1) goes on to the workers like TERM and INT, which then finish their
+# step, save and exit (longtrain.trainer.preemption); without --signals-to-handle USR1 kills the
+# agent and leaves the workers running; a torchrun too old to have it keeps its default. Which
+# options this torchrun has is read from its source (importing torch for --help takes seconds).
+torch_dir=$("$PYTHON" -c "import importlib.util as u; print(u.find_spec('torch').submodule_search_locations[0])" 2>/dev/null || true)
+torchrun_has() { [[ -n "$torch_dir" ]] && grep -q -- "\"$1\"" "$torch_dir/distributed/run.py" 2>/dev/null; }
+if torchrun_has --signals-to-handle; then
+    cmd+=(--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1)
+fi
+if [[ -n "${SHUTDOWN_S:-}" ]]; then
+    [[ "$SHUTDOWN_S" =~ ^[0-9]+$ && "$SHUTDOWN_S" -ge 1 ]] || die "SHUTDOWN_S=$SHUTDOWN_S: whole seconds, at least 1"
+    torchrun_has --shutdown-timeout || die "SHUTDOWN_S: this torchrun has no --shutdown-timeout"
+    cmd+=(--shutdown-timeout="$SHUTDOWN_S")
+fi
 if [[ -n "${LOG_RANKS:-}" ]]; then
     [[ "$LOG_RANKS" =~ ^[0-9]+(,[0-9]+)*$ ]] || die "LOG_RANKS=$LOG_RANKS: expected local ranks like 0 or 0,3"
     cmd+=(--local-ranks-filter="$LOG_RANKS")

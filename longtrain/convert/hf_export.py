@@ -3,7 +3,10 @@
     python -m longtrain.convert.hf_export RUN_DIR_OR_CHECKPOINT OUT_DIR [--dtype bfloat16]
 
 Our `Transformer` is a Llama: it becomes `config.json` (a `LlamaConfig`) and
-`model.safetensors` under HF's names. RoPE needs no permutation: ours is the rotate-half
+`model.safetensors` under HF's names; from a checkpoint it is streamed one tensor at a time
+into files of at most `--max-shard-gb` (default 5, as transformers) with
+`model.safetensors.index.json` when there are several, so a model larger than host memory
+exports too. RoPE needs no permutation: ours is the rotate-half
 convention with inv_freq = theta^(-2i/E), which is what HF's Llama computes (its q/k
 weights are stored in that layout, so they are copied as they are). Tied embeddings: no
 `lm_head.weight` and `tie_word_embeddings: true`. A `model=hf` run is saved with
@@ -35,6 +38,7 @@ from longtrain.model.llama import Transformer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 EXPORT_MARKER = "longtrain_export.json"  # in an exported directory: the files the export wrote
+DEFAULT_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size, 5 GB
 
 # Our parameter names -> HF Llama's, per decoder layer.
 _LAYER_NAMES = {
@@ -273,21 +277,87 @@ def load_checkpoint_model(path: str | Path) -> tuple[torch.nn.Module, RunConfig]
 
 
 def export_checkpoint(
-    path: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None
+    path: str | Path,
+    out_dir: str | Path,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> Path:
     """Export the model of a checkpoint (or of a run's newest one) to `out_dir`, which must be
-    new, empty, or an earlier export (checked before the checkpoint is read)."""
+    new, empty, or an earlier export (checked before the checkpoint is read).
+
+    Our model is streamed (`stream_llama_export`): one tensor read from the checkpoint at a
+    time, files of at most `max_shard_bytes` with an index when there are several, so the
+    export never holds the whole model. A model=hf run is loaded whole and saved with
+    transformers' `save_pretrained` (which shards at its own 5 GB default)."""
     previous_export(out_dir)
-    model, cfg = load_checkpoint_model(path)
-    if isinstance(model, HFCausalLM):
-        return export_hf_model(model, out_dir, dtype)
-    return export_llama(
-        model,
-        out_dir,
-        max_position_embeddings=cfg.data.seq_len,
-        dtype=dtype,
-        special_tokens=store_special_tokens(cfg.data.store_dir),
-    )
+    run_dir, ckpt = resolve_checkpoint(path)
+    cfg = load_run_config(run_dir)
+    if cfg.model.name != "hf":
+        return stream_llama_export(cfg, ckpt, out_dir, dtype, max_shard_bytes)
+    model, cfg = load_checkpoint_model(ckpt)
+    return export_hf_model(model, out_dir, dtype)
+
+
+def _shard_plan(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
+    """Tensor names grouped into files of at most `max_shard_bytes` (a larger tensor alone)."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, size in sizes.items():
+        if shards[-1] and used + size > max_shard_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += size
+    return shards
+
+
+def stream_llama_export(
+    cfg: RunConfig,
+    ckpt: Path,
+    out_dir: str | Path,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Path:
+    """Export our model of checkpoint `ckpt` (run config `cfg`) as a HF Llama, reading one
+    tensor at a time from the DCP checkpoint (whatever layout wrote it) into files of at
+    most `max_shard_bytes`: `model.safetensors`, or `model-0000i-of-0000n.safetensors` with
+    `model.safetensors.index.json` (HF's names and format). Memory: one file's tensors."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import save_file
+
+    from longtrain.model import build_model
+
+    model = build_model(cfg.model, seed=cfg.train.seed, device="meta")  # names and shapes
+    dtype = dtype or model.embed.weight.dtype
+    params = dict(model.named_parameters())  # a tied output is not a parameter of its own
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    sizes = {name: p.numel() * itemsize for name, p in params.items()}
+    shards = _shard_plan(sizes, max_shard_bytes)
+    out_dir = Path(out_dir)
+    _begin_export(out_dir)
+    config = llama_config(model, cfg.data.seq_len, dtype, store_special_tokens(cfg.data.store_dir))
+    config.save_pretrained(str(out_dir))
+    weight_map = {}
+    for i, names in enumerate(shards):
+        file = (
+            "model.safetensors"
+            if len(shards) == 1
+            else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        )
+        state = {}
+        for name in names:
+            p = params[name]
+            full = torch.empty(p.shape, dtype=p.dtype)
+            dcp.load({"model": {name: full}}, checkpoint_id=str(ckpt))  # DCP reads its pieces
+            state[hf_name(name)] = full.to(dtype).contiguous()
+            weight_map[hf_name(name)] = file
+        save_file(state, str(out_dir / file), metadata={"format": "pt"})
+        del state
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    _finish_export(out_dir)
+    return out_dir
 
 
 def store_special_tokens(store_dir: str | Path) -> dict[str, int | None]:
@@ -317,10 +387,20 @@ def main(argv: list[str] | None = None) -> None:
         help="new or empty directory (or an earlier export) for config.json + model.safetensors",
     )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="stored dtype")
+    parser.add_argument(
+        "--max-shard-gb",
+        type=float,
+        default=DEFAULT_SHARD_BYTES / 1e9,
+        help="largest safetensors file, GB (several files get an index), our model only",
+    )
     args = parser.parse_args(argv)
+    if not args.max_shard_gb > 0:
+        parser.error(f"--max-shard-gb must be > 0, got {args.max_shard_gb}")
 
     def run() -> Path:
-        return export_checkpoint(args.checkpoint, args.out_dir, DTYPES.get(args.dtype))
+        return export_checkpoint(
+            args.checkpoint, args.out_dir, DTYPES.get(args.dtype), int(args.max_shard_gb * 1e9)
+        )
 
     out = report_errors("longtrain.convert.hf_export", run)
     print(f"exported {args.checkpoint} -> {out}")
@@ -338,6 +418,7 @@ __all__ = [
     "llama_config",
     "load_checkpoint_model",
     "load_run_config",
+    "stream_llama_export",
     "previous_export",
     "resolve_checkpoint",
 ]

@@ -182,3 +182,16 @@ def test_export_of_a_trained_checkpoint(tmp_path, hf_corpus, capsys):
     # weights; HF's float32 RoPE/RMSNorm give ~1e-7 relative (see HF_FLOAT32_INSIDE).
     loss = (reference_loss_sum(ref, mb2) / mb2.num_trained()).item()
     assert loss == pytest.approx(read_losses(run_dir)[2], rel=1e-6)
+    # The same checkpoint streamed into files of at most 20 KB: an index and several files,
+    # the same tensors, and transformers loads them into the same model.
+    main([checkpoint, str(tmp_path / "sharded"), "--max-shard-gb", "0.00002"])
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 1 and not (tmp_path / "sharded" / "model.safetensors").exists()
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as whole:
+        assert set(index["weight_map"]) == set(whole.keys())
+        for name, file in index["weight_map"].items():
+            with safe_open(str(tmp_path / "sharded" / file), "pt") as part:
+                assert torch.equal(part.get_tensor(name), whole.get_tensor(name)), name
+    sharded = reference_model(tmp_path / "sharded")
+    assert (reference_loss_sum(sharded, mb2) / mb2.num_trained()).item() == loss

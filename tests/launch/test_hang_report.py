@@ -20,9 +20,10 @@ from tests.launch.test_elastic import TINY
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 5  # train.dist_timeout_s: short, yet far above a tiny step's all_reduce wait
 # Rank 0's exit and torchrun shutting down, on a loaded machine (15 s), plus torchrun's grace
-# for the stuck rank (its default --shutdown-timeout, 30 s): that rank takes torchrun's SIGTERM
-# as a request to stop at its next step boundary (longtrain.trainer.preemption), which a hung
-# rank never reaches, so torchrun's SIGKILL ends it.
+# for the stuck rank when a peer failed (30 s; not --shutdown-timeout, which is for signals
+# the agent receives): that rank takes torchrun's SIGTERM as a request to stop at its next
+# step boundary (longtrain.trainer.preemption), which a hung rank never reaches, so
+# torchrun's SIGKILL ends it.
 MARGIN_S = 15 + 30
 
 

@@ -18,7 +18,7 @@ RUN_SH = REPO / "launch" / "run.sh"
 RUN_SH_SETTINGS = (  # run.sh's variables: the caller's environment must not leak into a test
     "NGPU", "NNODES", "RDZV_ENDPOINT", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "RDZV_ID",
     "MAX_RESTARTS", "LOG_RANKS", "RUN_DIR", "PYTHON", "TRAIN_MODULE", "DRY_RUN", "SKIP_CHECK",
-    "CUDA_VISIBLE_DEVICES",
+    "CUDA_VISIBLE_DEVICES", "SHUTDOWN_S",
 )  # fmt: skip
 
 
@@ -57,6 +57,8 @@ def test_one_machine_with_restarts_and_rank_filter():
         "--max-restarts=2",
         "--log-dir=runs/a b/logs",
         "--tee=3",
+        # USR1 reaches the workers (they save and exit), as TERM does.
+        "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
         "--local-ranks-filter=0,2",
     ]
     # Restarts resume; the user's overrides come last so that they win.
@@ -167,3 +169,11 @@ def test_starts_two_processes_that_share_the_run_dir(tmp_path):
     assert "rank 1 of 2" in done.stdout and "rank 0 of 2" not in done.stdout
     logs = sorted(p.read_text() for p in run_dir.glob("logs/*/attempt_0/*/stdout.log"))
     assert logs == ["echo_rank: rank 0 of 2\n", "echo_rank: rank 1 of 2\n"]
+
+
+def test_shutdown_grace_is_passed_to_torchrun_and_checked():
+    options, _ = _torchrun_args(_dry_run(NGPU="2", SHUTDOWN_S="120"))
+    assert "--shutdown-timeout=120" in options
+    done = _run_sh(DRY_RUN="1", NGPU="2", SHUTDOWN_S="soon")
+    assert done.returncode == 2
+    assert done.stderr.strip().endswith("SHUTDOWN_S=soon: whole seconds, at least 1")

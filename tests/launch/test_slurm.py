@@ -287,7 +287,8 @@ def test_signal_is_passed_to_the_trainer_and_the_job_requeued_after(
         assert proc.returncode == 128 + signal.SIGTERM
 
 
-@pytest.mark.distributed
+@pytest.mark.slow  # ~45 s; the signal chain is covered by the shim tests above and the save
+@pytest.mark.distributed  # by tests/test_train_preemption.py; this joins them end to end
 def test_usr1_reaches_the_trainer_which_saves_before_the_job_is_requeued(shims, corpus):
     """The whole chain with the real trainer: USR1 to the batch shell -> srun (stand-in) ->
     torchrun -> both workers, which finish their step, save and exit; then the requeue."""
