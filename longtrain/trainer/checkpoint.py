@@ -14,6 +14,7 @@ among the `keep_last` kept ones, or delete a checkpoint newer than the oldest ke
 
 from __future__ import annotations
 
+import copy
 import os
 import pickle
 import random
@@ -248,10 +249,11 @@ class Checkpointer:
             rngs = [rng_state()]
         if not self.env.is_main:
             return None
+        # Copies: an asynchronous save writes them a step or more later.
         return {
             "step": step,
-            "scheduler": scheduler.state_dict(),
-            "loader": loader.state_dict(),
+            "scheduler": copy.deepcopy(scheduler.state_dict()),
+            "loader": copy.deepcopy(loader.state_dict()),
             "rng": rngs,
             "world_size": self.env.world_size,
         }
