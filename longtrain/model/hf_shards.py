@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from longtrain.model.sharded_init import copy_full_into, local_rows
+from longtrain.model.sharded_init import copy_full_into, copy_rows_into, local_rows
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -79,13 +79,14 @@ def weight_files(path: str | Path) -> dict[str, Path]:
         return dict.fromkeys(f.keys(), path / SINGLE)
 
 
-def _checked_slices(model: nn.Module, path: Path, prefix: str) -> dict[str, Path]:
-    """Parameter name -> file, after checking every tensor's presence, shape and dtype."""
+def _checked_files(model: nn.Module, path: Path, prefix: str) -> dict[Path, list[str]]:
+    """File -> the parameter names it holds, after checking every tensor's presence, shape
+    and dtype."""
     from safetensors import safe_open
 
     files = weight_files(path)
-    wanted = {name: p for name, p in model.named_parameters()}
-    where = {}
+    wanted = dict(model.named_parameters())
+    by_file: dict[Path, list[str]] = {}
     for name in wanted:
         key = name.removeprefix(prefix)
         if key not in files:
@@ -93,10 +94,7 @@ def _checked_slices(model: nn.Module, path: Path, prefix: str) -> dict[str, Path
                 f"the weights in {path} lack {key}, which the model needs; check that "
                 "config.json matches them"
             )
-        where[name] = files[key]
-    by_file: dict[Path, list[str]] = {}
-    for name, file in where.items():
-        by_file.setdefault(file, []).append(name)
+        by_file.setdefault(files[key], []).append(name)
     for file, names in by_file.items():
         with safe_open(str(file), "pt") as f:
             for name in names:
@@ -112,7 +110,7 @@ def _checked_slices(model: nn.Module, path: Path, prefix: str) -> dict[str, Path
                     raise HFWeightsError(
                         f"{key} in {file} is {dtype}; weights must be float (F32, BF16, F16, F64)"
                     )
-    return where
+    return by_file
 
 
 @torch.no_grad()
@@ -124,11 +122,8 @@ def load_hf_shards(model: nn.Module, path: str | Path, prefix: str = "hf.") -> N
     from safetensors import safe_open
 
     path = Path(path)
-    where = _checked_slices(model, path, prefix)
+    by_file = _checked_files(model, path, prefix)
     params = dict(model.named_parameters())
-    by_file: dict[Path, list[str]] = {}
-    for name, file in where.items():
-        by_file.setdefault(file, []).append(name)
     for file, names in by_file.items():
         with safe_open(str(file), "pt") as f:
             for name in names:
@@ -136,11 +131,9 @@ def load_hf_shards(model: nn.Module, path: str | Path, prefix: str = "hf.") -> N
                 rows = local_rows(param)
                 if rows is None:
                     copy_full_into(param, f.get_tensor(key).to(param.dtype))
-                    continue
-                start, stop = rows
-                local = param.to_local() if hasattr(param, "to_local") else param
-                if stop > start:
-                    local.copy_(f.get_slice(key)[start:stop].to(param.dtype))
+                elif rows[1] > rows[0]:
+                    start, stop = rows
+                    copy_rows_into(param, start, f.get_slice(key)[start:stop].to(param.dtype))
 
 
 __all__ = [

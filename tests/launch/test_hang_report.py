@@ -1,6 +1,8 @@
 """The trainer under torchrun with one rank hanging after a step: its peer's collective times
 out after train.dist_timeout_s, the peer reports rank, step and operation and exits, and the
-run ends within the timeout plus a margin instead of hanging. Needs the trainer's
+run ends although the stuck rank would sleep for an hour (torchrun stops it: its SIGTERM is
+a request to stop at the next step boundary, longtrain.trainer.preemption, which a hung rank
+never reaches, so torchrun's SIGKILL follows after its grace). Needs the trainer's
 StepMonitor hooks (longtrain.train.train(step_callbacks=...), train.heartbeat_s)."""
 
 from __future__ import annotations
@@ -9,7 +11,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,12 +20,8 @@ from tests.launch.test_elastic import TINY
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 5  # train.dist_timeout_s: short, yet far above a tiny step's all_reduce wait
-# Rank 0's exit and torchrun shutting down, on a loaded machine (15 s), plus torchrun's grace
-# for the stuck rank when a peer failed (30 s; not --shutdown-timeout, which is for signals
-# the agent receives): that rank takes torchrun's SIGTERM as a request to stop at its next
-# step boundary (longtrain.trainer.preemption), which a hung rank never reaches, so
-# torchrun's SIGKILL ends it.
-MARGIN_S = 15 + 30
+HANG_S = 3600  # the stuck rank's sleep: far past the subprocess timeout below, so a run that
+# waited for it would fail the test with TimeoutExpired instead of ending
 
 
 @pytest.mark.distributed
@@ -48,10 +45,9 @@ def test_hang_ends_with_a_report_naming_rank_step_and_op(tmp_path):
     ]
     done = subprocess.run(
         ["bash", str(REPO / "launch" / "run.sh"), "--sleep-rank", "1", "--sleep-after-step", "2",
-         *overrides],
+         "--sleep-s", str(HANG_S), *overrides],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    ended = time.time()
     text = done.stdout + done.stderr
     assert done.returncode != 0, text[-3000:]
     # Rank 0 finished step 2 and waited for rank 1 in the step boundary's first collective
@@ -60,5 +56,4 @@ def test_hang_ends_with_a_report_naming_rank_step_and_op(tmp_path):
         r"rank 0 failed at step 2 during preemption check: \w+: .*[Tt]imed? ?out", text
     ), text[-5000:]
     assert "rank 1 step 2 still running after" in text  # the stuck rank's heartbeat
-    started = float((run_dir / "sleep_started").read_text())
-    assert ended - started < TIMEOUT_S + MARGIN_S
+    assert (run_dir / "sleep_started").is_file()  # the hang really began
