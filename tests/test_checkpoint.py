@@ -4,16 +4,23 @@ and DCP reader errors as one CheckpointError line."""
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from longtrain.distributed import DistEnv, single_process_env
 from longtrain.train import load_config, train
-from longtrain.trainer.checkpoint import Checkpointer, CheckpointError
+from longtrain.trainer.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    interrupt_inside,
+    interrupts_unwrapped,
+)
 from longtrain.trainer.manifest import MANIFEST, verify_checkpoint, write_manifest
 from tests.spawn import spawn
 from tests.test_train import SMALL, data_overrides, read_metrics, run_cli
@@ -174,3 +181,40 @@ def test_extra_pt_is_read_without_unpickling_objects(tmp_path, corpus):
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "cannot load checkpoint" in lines[0] and "step_00000001" in lines[0]
     assert "never unpickled" in lines[0]
+
+
+class _InterruptedStream(io.BytesIO):
+    """A file whose third write is hit by Ctrl-C, as a SIGINT landing inside a writer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, data) -> int:
+        self.writes += 1
+        if self.writes == 3:
+            raise KeyboardInterrupt
+        return super().write(data)
+
+
+def _save_interrupted() -> None:
+    torch.save({"a": torch.zeros(100), "b": torch.ones(50)}, _InterruptedStream())
+
+
+def test_ctrl_c_inside_a_writer_surfaces_as_the_interrupt():
+    # torch.save's zip writer turns the interrupt into "RuntimeError: unexpected pos" (what
+    # CI saw when Ctrl-C hit a save); DCP wraps that again into a CheckpointException.
+    with pytest.raises(RuntimeError, match="unexpected pos") as raw:
+        _save_interrupted()
+    assert interrupt_inside(raw.value)
+    wrapped = CheckpointException("save", {0: (raw.value, None)})
+    assert interrupt_inside(wrapped)
+    with pytest.raises(KeyboardInterrupt), interrupts_unwrapped():
+        _save_interrupted()
+    with pytest.raises(KeyboardInterrupt), interrupts_unwrapped():
+        raise wrapped
+    # A writer's own failure stays what it is.
+    other = CheckpointException("save", {0: (OSError("disk full"), None)})
+    assert not interrupt_inside(other)
+    with pytest.raises(CheckpointException), interrupts_unwrapped():
+        raise other

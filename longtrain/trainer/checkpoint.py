@@ -14,6 +14,7 @@ among the `keep_last` kept ones, or delete a checkpoint newer than the oldest ke
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import pickle
@@ -203,21 +204,18 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         barrier(self.env)
         written = None
-        if self.engine is not None:
-            self.engine.save(tmp)
-        else:
-            model_sd, optim_sd = get_state_dict(model, optimizer)
-            state = {"model": model_sd, "optim": optim_sd}
-            try:
+        with interrupts_unwrapped():
+            if self.engine is not None:
+                self.engine.save(tmp)
+            else:
+                model_sd, optim_sd = get_state_dict(model, optimizer)
+                state = {"model": model_sd, "optim": optim_sd}
                 if self.async_save:
                     written = dcp.async_save(
                         state, checkpoint_id=str(tmp), process_group=self._group
                     )
                 else:
                     dcp.save(state, checkpoint_id=str(tmp))
-            except CheckpointException as err:
-                _raise_interrupt(err)
-                raise
         pending = _PendingSave(step, tmp, final, self._extra(step, scheduler, loader), written)
         if written is not None:
             self._pending = pending
@@ -231,13 +229,10 @@ class Checkpointer:
         pending, self._pending = self._pending, None
         if pending is None:
             return
-        try:
+        with interrupts_unwrapped():
             result = pending.written
             # torch returns a Future, or a response holding one for the upload.
             (getattr(result, "upload_completion", None) or result).result()
-        except CheckpointException as err:
-            _raise_interrupt(err)
-            raise
         self._complete(pending)
 
     def _extra(self, step: int, scheduler, loader) -> dict | None:
@@ -262,7 +257,8 @@ class Checkpointer:
         """extra.pt, every rank's files hashed into the manifest, then the rename that makes
         the checkpoint visible (collective)."""
         if self.env.is_main:
-            torch.save(pending.extra, pending.tmp / "extra.pt")
+            with interrupts_unwrapped():
+                torch.save(pending.extra, pending.tmp / "extra.pt")
         barrier(self.env)  # every file is written: hash them
         write_manifest(pending.tmp, self.env, self.checksums)
         if self.env.is_main:
@@ -303,7 +299,8 @@ class Checkpointer:
         # DCP's CheckpointException derives from BaseException; any reader error means the
         # files do not fit this run (another model size, a missing shard).
         except (Exception, CheckpointException) as err:
-            _raise_interrupt(err)
+            if interrupt_inside(err):
+                raise KeyboardInterrupt from None
             raise CheckpointError(
                 f"cannot load checkpoint {path}: {one_line(err)}; resume from another one "
                 "or check that the model config matches the one it was saved with"
@@ -345,8 +342,36 @@ def _structure_problem(path: Path) -> str | None:
     return None
 
 
-def _raise_interrupt(err: BaseException) -> None:
-    """DCP wraps a Ctrl-C inside its reader or writer into a CheckpointException: unwrap it."""
-    for exc, _ in getattr(err, "failures", {}).values():
+def interrupt_inside(err: BaseException) -> bool:
+    """Whether a Ctrl-C is what `err` really is. A KeyboardInterrupt that lands inside a
+    writer comes back wrapped: DCP puts each rank's exception into a CheckpointException's
+    `failures`, and torch.save's zip writer, interrupted mid-record, raises a RuntimeError
+    ("unexpected pos ...") whose context is the interrupt. Both chains are walked."""
+    seen: set[int] = set()
+    todo = [err]
+    while todo:
+        exc = todo.pop()
+        if exc is None or id(exc) in seen:
+            continue
+        seen.add(id(exc))
         if isinstance(exc, KeyboardInterrupt):
+            return True
+        todo += [exc.__cause__, exc.__context__]
+        failures = getattr(exc, "failures", None)
+        if isinstance(failures, dict):
+            todo += [f[0] for f in failures.values() if isinstance(f, tuple) and f]
+    return False
+
+
+@contextlib.contextmanager
+def interrupts_unwrapped():
+    """Re-raise a wrapped Ctrl-C (see `interrupt_inside`) as the KeyboardInterrupt it is, so
+    the run ends with its one line and status 130, not a writer's error."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise
+    except BaseException as err:
+        if interrupt_inside(err):
             raise KeyboardInterrupt from None
+        raise
