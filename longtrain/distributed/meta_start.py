@@ -8,10 +8,11 @@ the order of one process and keeps this rank's shard of it, so every layout star
 same full model. A rank's host memory at start-up is its shards plus one full tensor, where
 building first and sharding after held the whole model on every rank.
 
-model=hf with safetensors weights starts the same way, its weights read straight into the
-shards (`longtrain.model.hf_shards`: each rank reads only its rows). model=hf without
-weights (a random init by transformers), `.bin` weights and DeepSpeed runs (ZeRO partitions
-a model it is handed whole) are built whole, then parallelised.
+model=hf starts the same way, its safetensors weights read straight into the shards
+(`longtrain.model.hf_shards`: each rank reads only its rows), or without weights its own
+init drawn module by module from the seed. model=hf with `.bin` weights (a pickle, read
+whole) and DeepSpeed runs (ZeRO partitions a model it is handed whole) are built whole,
+then parallelised.
 """
 
 from __future__ import annotations
@@ -23,15 +24,18 @@ from longtrain.config import RunConfig
 from longtrain.distributed.env import DistEnv
 from longtrain.distributed.parallelize import parallelize
 from longtrain.model import build_model
-from longtrain.model.hf_shards import has_safetensors, load_hf_shards
+from longtrain.model.hf import has_weights
+from longtrain.model.hf_shards import has_safetensors, init_hf_shards, load_hf_shards
+from longtrain.model.sharded_init import materialize_storage
 
 
 def starts_on_meta(cfg: RunConfig) -> bool:
     """Whether this run's model is built on the meta device: our model, or model=hf with
-    safetensors weights, on any engine but DeepSpeed."""
+    safetensors weights or none (a random init), on any engine but DeepSpeed."""
     if cfg.train.engine == "deepspeed":
         return False
-    return cfg.model.name != "hf" or has_safetensors(cfg.model.path)
+    path = cfg.model.path
+    return cfg.model.name != "hf" or has_safetensors(path) or not has_weights(path)
 
 
 def materialize_device(cfg: RunConfig, env: DistEnv) -> torch.device:
@@ -58,30 +62,13 @@ def materialize(model: nn.Module, cfg: RunConfig, device: torch.device) -> None:
     """Storage on `device` for every (sharded) parameter of a meta `model`, then its
     values: the seeded init (our model) or the Hugging Face weights (model=hf), in place.
     Buffers (computed when the model was built) keep their values."""
-    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
-    tied = _tied_parameters(model)
-    model.to_empty(device=device)
-    # to_empty gives each module its own new parameter: tie the shared ones again (a tied
-    # embedding and output projection), before any value is written.
-    for (first, first_name), *others in tied:
-        for module, name in others:
-            module._parameters[name] = first._parameters[first_name]
-    with torch.no_grad():
-        for name, b in model.named_buffers():
-            b.copy_(buffers[name])
-    if cfg.model.name == "hf":
+    materialize_storage(model, device)
+    if cfg.model.name == "hf" and has_safetensors(cfg.model.path):
         load_hf_shards(model, cfg.model.path)
+    elif cfg.model.name == "hf":
+        init_hf_shards(model.hf, cfg.train.seed)
     else:
         model.init_weights(cfg.train.seed)
-
-
-def _tied_parameters(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
-    """Groups of (module, attribute) that hold one parameter object, groups of two or more."""
-    owners: dict[int, list[tuple[nn.Module, str]]] = {}
-    for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
-            owners.setdefault(id(p), []).append((module, name))
-    return [group for group in owners.values() if len(group) > 1]
 
 
 __all__ = ["build_parallel_model", "materialize", "materialize_device", "starts_on_meta"]

@@ -43,8 +43,9 @@ from longtrain.config.hf import (
     load_hf_config,
     model_fields,
 )
-from longtrain.model.hf_shards import params_on_meta
+from longtrain.model.hf_shards import init_hf_shards, params_on_meta
 from longtrain.model.llama import TiledLossHead
+from longtrain.model.sharded_init import materialize_storage
 
 log = logging.getLogger(__name__)
 
@@ -227,38 +228,37 @@ def build_hf_model(cfg: ModelConfig, seed: int, device: torch.device | str = "cp
     config.use_cache = False
     register_attention()
     param_dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
-    if torch.device(device).type == "meta":
+    if torch.device(device).type == "meta" or not has_weights(cfg.path):
         # Parameters without storage, buffers computed: the weights come later, sharded
-        # (`longtrain.model.hf_shards.load_hf_shards`).
+        # (`longtrain.model.hf_shards`), or here for a whole model without weights, by the
+        # same module-by-module init a meta start uses, so both give the same model.
         with params_on_meta():
             hf_model = AutoModelForCausalLM.from_config(
                 config, attn_implementation=ATTN_IMPLEMENTATION, dtype=torch.float32
             )
+        if torch.device(device).type != "meta":
+            materialize_storage(hf_model, device)
+            init_hf_shards(hf_model, seed)
+            log.info("model=hf: no weights in %s, random init (seed %d)", cfg.path, seed)
         attach_varlen_attention(hf_model, cfg.attn_backend)
         return HFCausalLM(cfg, hf_model.to(dtype=param_dtype))
-    # Loaded and initialised in float32 whatever the run's dtype: the init does not depend on it.
+    # Loaded in float32 whatever the run's dtype.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # from_config's init, and anything the checkpoint lacks
-        if has_weights(cfg.path):
-            hf_model, info = AutoModelForCausalLM.from_pretrained(
-                cfg.path,
-                config=config,
-                attn_implementation=ATTN_IMPLEMENTATION,
-                dtype=torch.float32,
-                output_loading_info=True,
-            )
-            missing = list(info.get("missing_keys", []))
-            if missing:
-                raise ValueError(
-                    f"the weights in {cfg.path} lack {len(missing)} tensors the model needs "
-                    f"(first: {sorted(missing)[:3]}); check that config.json matches them"
-                )
-            log.info("model=hf: loaded %s weights from %s", config.model_type, cfg.path)
-        else:
-            hf_model = AutoModelForCausalLM.from_config(
-                config, attn_implementation=ATTN_IMPLEMENTATION, dtype=torch.float32
-            )
-            log.info("model=hf: no weights in %s, random init (seed %d)", cfg.path, seed)
+        torch.manual_seed(seed)  # anything the checkpoint lacks (refused below)
+        hf_model, info = AutoModelForCausalLM.from_pretrained(
+            cfg.path,
+            config=config,
+            attn_implementation=ATTN_IMPLEMENTATION,
+            dtype=torch.float32,
+            output_loading_info=True,
+        )
+    missing = list(info.get("missing_keys", []))
+    if missing:
+        raise ValueError(
+            f"the weights in {cfg.path} lack {len(missing)} tensors the model needs "
+            f"(first: {sorted(missing)[:3]}); check that config.json matches them"
+        )
+    log.info("model=hf: loaded %s weights from %s", config.model_type, cfg.path)
     attach_varlen_attention(hf_model, cfg.attn_backend)
     return HFCausalLM(cfg, hf_model.to(device=device, dtype=param_dtype))
 

@@ -10,6 +10,11 @@ rank's host memory during the load is its shards plus one slice.
 Every problem is found before a byte is copied: a shard file the index names but the
 directory lacks, a tensor the model needs that no file has, a tensor of another shape or of
 a dtype that is not a float.
+
+Without weights (a random init), `init_hf_shards` runs transformers' own `_init_weights`
+one module at a time on full-size stand-ins of that module's parameters and keeps this
+rank's rows, so the init is the model's own, depends on the seed alone, and a rank holds
+its shards plus one module's tensors.
 """
 
 from __future__ import annotations
@@ -136,9 +141,47 @@ def load_hf_shards(model: nn.Module, path: str | Path, prefix: str = "hf.") -> N
                     copy_rows_into(param, start, f.get_slice(key)[start:stop].to(param.dtype))
 
 
+@torch.no_grad()
+def init_hf_shards(hf_model: nn.Module, seed: int) -> None:
+    """Fill every (materialised, possibly sharded) parameter of the transformers model
+    `hf_model` with its own init (`hf_model._init_weights`) drawn from `seed`: modules in
+    `modules()` order, each on full-size float32 stand-ins (so the draws are those of one
+    process at any layout), this rank's part copied in. A parameter shared by two modules
+    (tied embeddings) is drawn once, by the first. Raises HFWeightsError when the model's
+    init leaves a parameter unset (one a modeling file sets only in its constructor)."""
+    done: set[int] = set()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for module_name, module in hf_model.named_modules():
+            own = {n: p for n, p in module.named_parameters(recurse=False) if id(p) not in done}
+            if not own:
+                continue
+            # NaN marks what the init did not write.
+            stand_ins = {
+                n: nn.Parameter(torch.full(p.shape, float("nan")), requires_grad=False)
+                for n, p in own.items()
+            }
+            module._parameters.update(stand_ins)
+            try:
+                hf_model._init_weights(module)
+            finally:
+                module._parameters.update(own)
+            for n, p in own.items():
+                full = stand_ins[n].data
+                if torch.isnan(full).any():
+                    raise HFWeightsError(
+                        f"model=hf random init: {type(hf_model).__name__}._init_weights "
+                        f"leaves {module_name}.{n} unset; give model.path weights instead "
+                        "(save_pretrained a model built with from_config)"
+                    )
+                copy_full_into(p, full.to(p.dtype))
+                done.add(id(p))
+
+
 __all__ = [
     "HFWeightsError",
     "has_safetensors",
+    "init_hf_shards",
     "load_hf_shards",
     "params_on_meta",
     "weight_files",

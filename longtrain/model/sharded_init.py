@@ -18,6 +18,7 @@ import math
 from collections.abc import Iterator
 
 import torch
+from torch import nn
 
 CHUNK_ELEMENTS = 1 << 20  # 4 MiB of float32 per draw
 
@@ -77,4 +78,29 @@ def copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
         param.to_local().copy_(shard.to_local())
 
 
-__all__ = ["copy_full_into", "copy_rows_into", "local_rows", "normal_rows"]
+def materialize_storage(model: nn.Module, device: torch.device | str) -> None:
+    """Give every parameter of a meta-device `model` (possibly sharded) uninitialised storage
+    on `device`, in place. Buffers (computed when the model was built) keep their values;
+    parameters shared by several modules (a tied embedding and output projection) stay one
+    object: `to_empty` alone would give each module a new one."""
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    owners: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append((module, name))
+    model.to_empty(device=device)
+    for (first, first_name), *others in owners.values():
+        for module, name in others:
+            module._parameters[name] = first._parameters[first_name]
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
+
+
+__all__ = [
+    "copy_full_into",
+    "copy_rows_into",
+    "local_rows",
+    "materialize_storage",
+    "normal_rows",
+]

@@ -51,12 +51,16 @@ def _run_config(path: Path, engine: str) -> RunConfig:
     return cfg
 
 
-def _full_params(rank: int, world: int, path: str) -> dict:
-    cfg = _run_config(Path(path), "fsdp2")
-    env = DistEnv(rank, world, rank, CPU)
-    model, _ = build_parallel_model(cfg, env, build_parallel_dims(cfg, env), pad_id=0)
-    local = {n: p.to_local().shape[0] for n, p in model.named_parameters()}
-    return {n: p.full_tensor().clone() for n, p in model.named_parameters()}, local
+def _full_params(rank: int, world: int, paths: list[str]) -> list[tuple[dict, dict]]:
+    """(full parameters, local rows) of the FSDP2 meta start of each model dir in turn."""
+    out = []
+    for path in paths:
+        cfg = _run_config(Path(path), "fsdp2")
+        env = DistEnv(rank, world, rank, CPU)
+        model, _ = build_parallel_model(cfg, env, build_parallel_dims(cfg, env), pad_id=0)
+        local = {n: p.to_local().shape[0] for n, p in model.named_parameters()}
+        out.append(({n: p.full_tensor().clone() for n, p in model.named_parameters()}, local))
+    return out
 
 
 def _want(path: Path) -> dict:
@@ -89,14 +93,47 @@ def test_one_process_loads_what_from_pretrained_loads(tmp_path, family, layout):
 
 @pytest.mark.distributed
 def test_fsdp2_ranks_read_their_rows_and_hold_the_whole_model_between_them(tmp_path):
-    # Qwen2 from an index: tied embeddings and several files, under sharding.
-    path = _saved(tmp_path, "qwen2", "indexed")
-    want = _want(path)
-    for full, local in spawn(_full_params, 2, str(path), timeout=300):
-        assert full.keys() == want.keys()
-        for name, p in want.items():
-            assert torch.equal(full[name], p), name
-            assert local[name] <= -(-p.shape[0] // 2), name  # half the rows, rounded up
+    # Qwen2 from an index: tied embeddings and several files, under sharding; and Qwen2
+    # without weights: its own random init, drawn module by module into the shards.
+    indexed = _saved(tmp_path, "qwen2", "indexed")
+    config_only = _config_only(tmp_path, "qwen2")
+    wants = [_want(indexed), _want(config_only)]
+    for per_path in spawn(_full_params, 2, [str(indexed), str(config_only)], timeout=300):
+        for (full, local), want in zip(per_path, wants):
+            assert full.keys() == want.keys()
+            for name, p in want.items():
+                assert torch.equal(full[name], p), name  # the same draws, sliced
+                assert local[name] <= -(-p.shape[0] // 2), name  # half the rows, rounded up
+
+
+def _config_only(tmp_path: Path, family: str) -> Path:
+    """A `family` model directory with config.json and no weights (model=hf random init)."""
+    path = tmp_path / f"{family}_config_only"
+    FAMILIES[family]().save_pretrained(str(path))
+    return path
+
+
+def test_random_init_is_the_models_own_and_a_meta_start_draws_the_same(tmp_path):
+    path = _config_only(tmp_path, "qwen2")
+    cfg = _run_config(path, "none")
+    assert starts_on_meta(cfg)
+    env = DistEnv(0, 1, 0, CPU)
+    model, _ = build_parallel_model(cfg, env, build_parallel_dims(cfg, env), pad_id=0)
+    want = _want(path)  # the whole-model build (DeepSpeed's path) from the same seed
+    for name, p in model.named_parameters():
+        assert torch.equal(p, want[name]), name
+    # transformers' Qwen2 init: normal(0, initializer_range) matrices, zero biases, unit
+    # norms; the tied output projection is the embedding.
+    std = model.hf.config.initializer_range
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            assert torch.equal(p, torch.ones_like(p)), name
+        elif name.endswith("bias"):
+            assert torch.equal(p, torch.zeros_like(p)), name
+        else:
+            # 1/sqrt(numel) is the spread of a sample std; 5 of them cannot fail by chance.
+            assert abs(p.std().item() / std - 1) < 5 / p.numel() ** 0.5 + 0.02, name
+    assert model.output_weight() is model.hf.get_input_embeddings().weight
 
 
 def _model_on_meta_materialised(path: Path):
