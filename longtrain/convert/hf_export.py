@@ -2,15 +2,16 @@
 
     python -m longtrain.convert.hf_export RUN_DIR_OR_CHECKPOINT OUT_DIR [--dtype bfloat16]
 
-Our `Transformer` is a Llama: it becomes `config.json` (a `LlamaConfig`) and
-`model.safetensors` under HF's names; from a checkpoint it is streamed one tensor at a time
-into files of at most `--max-shard-gb` (default 5, as transformers) with
-`model.safetensors.index.json` when there are several, so a model larger than host memory
-exports too. RoPE needs no permutation: ours is the rotate-half
-convention with inv_freq = theta^(-2i/E), which is what HF's Llama computes (its q/k
-weights are stored in that layout, so they are copied as they are). Tied embeddings: no
-`lm_head.weight` and `tie_word_embeddings: true`. A `model=hf` run is saved with
-`save_pretrained` of the trained transformers model (its own family and names).
+From a checkpoint the model is streamed one tensor at a time into files of at most
+`--max-shard-gb` (default 5, as transformers) with `model.safetensors.index.json` when there
+are several, so a model larger than host memory exports too.
+
+Our `Transformer` is a Llama: it becomes `config.json` (a `LlamaConfig`) and the weights
+under HF's names. RoPE needs no permutation: ours is the rotate-half convention with
+inv_freq = theta^(-2i/E), which is what HF's Llama computes (its q/k weights are stored in
+that layout, so they are copied as they are). Tied embeddings: no `lm_head.weight` and
+`tie_word_embeddings: true`. A `model=hf` run keeps its own family, names and config.
+`export_llama` and `export_hf_model` do the same for a model in memory.
 
 The exported directory is also a valid `model=hf model.path=OUT_DIR`, so training can
 continue in either form.
@@ -285,17 +286,12 @@ def export_checkpoint(
     """Export the model of a checkpoint (or of a run's newest one) to `out_dir`, which must be
     new, empty, or an earlier export (checked before the checkpoint is read).
 
-    Our model is streamed (`stream_llama_export`): one tensor read from the checkpoint at a
-    time, files of at most `max_shard_bytes` with an index when there are several, so the
-    export never holds the whole model. A model=hf run is loaded whole and saved with
-    transformers' `save_pretrained` (which shards at its own 5 GB default)."""
+    The model is streamed (`stream_export`): one tensor read from the checkpoint at a time,
+    files of at most `max_shard_bytes` with an index when there are several, so the export
+    never holds the whole model, ours or a model=hf one."""
     previous_export(out_dir)
     run_dir, ckpt = resolve_checkpoint(path)
-    cfg = load_run_config(run_dir)
-    if cfg.model.name != "hf":
-        return stream_llama_export(cfg, ckpt, out_dir, dtype, max_shard_bytes)
-    model, cfg = load_checkpoint_model(ckpt)
-    return export_hf_model(model, out_dir, dtype)
+    return stream_export(load_run_config(run_dir), ckpt, out_dir, dtype, max_shard_bytes)
 
 
 def _shard_plan(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
@@ -311,46 +307,55 @@ def _shard_plan(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
     return shards
 
 
-def stream_llama_export(
+def stream_export(
     cfg: RunConfig,
     ckpt: Path,
     out_dir: str | Path,
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> Path:
-    """Export our model of checkpoint `ckpt` (run config `cfg`) as a HF Llama, reading one
-    tensor at a time from the DCP checkpoint (whatever layout wrote it) into files of at
-    most `max_shard_bytes`: `model.safetensors`, or `model-0000i-of-0000n.safetensors` with
-    `model.safetensors.index.json` (HF's names and format). Memory: one file's tensors."""
+    """Export the model of checkpoint `ckpt` (run config `cfg`), reading one tensor at a time
+    from the DCP checkpoint (whatever layout wrote it) into files of at most
+    `max_shard_bytes`: `model.safetensors`, or `model-0000i-of-0000n.safetensors` with
+    `model.safetensors.index.json` (HF's names and format). Our model becomes a HF Llama; a
+    model=hf run keeps its own family, names and config (tied weights stored once, as
+    `save_pretrained` does). Memory: one file's tensors."""
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import save_file
 
     from longtrain.model import build_model
 
     model = build_model(cfg.model, seed=cfg.train.seed, device="meta")  # names and shapes
-    dtype = dtype or model.embed.weight.dtype
-    params = dict(model.named_parameters())  # a tied output is not a parameter of its own
+    # A tied output projection is listed once, under the embedding's name.
+    params = dict(model.named_parameters())
+    dtype = dtype or next(iter(params.values())).dtype
+    if isinstance(model, HFCausalLM):
+        names = {name: name.removeprefix("hf.") for name in params}
+        config = _trained_hf_config(model, dtype)
+    else:
+        names = {name: hf_name(name) for name in params}
+        tokens = store_special_tokens(cfg.data.store_dir)
+        config = llama_config(model, cfg.data.seq_len, dtype, tokens)
     itemsize = torch.empty((), dtype=dtype).element_size()
     sizes = {name: p.numel() * itemsize for name, p in params.items()}
     shards = _shard_plan(sizes, max_shard_bytes)
     out_dir = Path(out_dir)
     _begin_export(out_dir)
-    config = llama_config(model, cfg.data.seq_len, dtype, store_special_tokens(cfg.data.store_dir))
     config.save_pretrained(str(out_dir))
     weight_map = {}
-    for i, names in enumerate(shards):
+    for i, shard in enumerate(shards):
         file = (
             "model.safetensors"
             if len(shards) == 1
             else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         )
         state = {}
-        for name in names:
+        for name in shard:
             p = params[name]
             full = torch.empty(p.shape, dtype=p.dtype)
             dcp.load({"model": {name: full}}, checkpoint_id=str(ckpt))  # DCP reads its pieces
-            state[hf_name(name)] = full.to(dtype).contiguous()
-            weight_map[hf_name(name)] = file
+            state[names[name]] = full.to(dtype).contiguous()
+            weight_map[names[name]] = file
         save_file(state, str(out_dir / file), metadata={"format": "pt"})
         del state
     if len(shards) > 1:
@@ -358,6 +363,17 @@ def stream_llama_export(
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     _finish_export(out_dir)
     return out_dir
+
+
+def _trained_hf_config(model: HFCausalLM, dtype: torch.dtype):
+    """The transformers config of a model=hf run as an export declares it: the stored dtype,
+    and the KV cache (off while training) back on for generation."""
+    import copy
+
+    config = copy.deepcopy(model.hf.config)
+    config.use_cache = True
+    config.dtype = dtype
+    return config
 
 
 def store_special_tokens(store_dir: str | Path) -> dict[str, int | None]:
@@ -391,7 +407,7 @@ def main(argv: list[str] | None = None) -> None:
         "--max-shard-gb",
         type=float,
         default=DEFAULT_SHARD_BYTES / 1e9,
-        help="largest safetensors file, GB (several files get an index), our model only",
+        help="largest safetensors file, GB (several files get an index)",
     )
     args = parser.parse_args(argv)
     if not args.max_shard_gb > 0:
@@ -418,7 +434,7 @@ __all__ = [
     "llama_config",
     "load_checkpoint_model",
     "load_run_config",
-    "stream_llama_export",
+    "stream_export",
     "previous_export",
     "resolve_checkpoint",
 ]

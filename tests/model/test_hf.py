@@ -287,6 +287,19 @@ def test_trains_and_exports_an_hf_run(tmp_path, hf_dirs, hf_corpus):
         set(os.listdir(out)) - {EXPORT_MARKER}
     )
     export_checkpoint(run_dir / "checkpoints" / "step_00000002", out)
+    assert exported["use_cache"] and exported["dtype"] == "float64"
+    # Streamed into several files with an index (a 20 kB cap): transformers loads the same
+    # weights, bit for bit.
+    indexed = export_checkpoint(
+        run_dir / "checkpoints" / "step_00000002", tmp_path / "indexed", max_shard_bytes=20_000
+    )
+    index = json.loads((indexed / "model.safetensors.index.json").read_text())
+    assert (
+        len(set(index["weight_map"].values())) > 1 and "lm_head.weight" not in index["weight_map"]
+    )
+    again = reference_model(indexed)
+    for (name, a), (_, b) in zip(trained.named_parameters(), again.named_parameters()):
+        assert torch.equal(a, b), name
 
 
 # --------------------------------------------------------------------------------------------
