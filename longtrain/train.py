@@ -7,6 +7,13 @@ A bad value, path or checkpoint, a non-finite loss and Ctrl-C end in one line on
 
 from __future__ import annotations
 
+if __name__ == "__main__":
+    # The command records SIGTERM and SIGUSR1 from its first moment (imports take seconds,
+    # a rendezvous may wait long): see longtrain.trainer.preemption. Not when imported.
+    from longtrain.trainer.preemption import PreemptionHandler
+
+    PreemptionHandler().install()
+
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,6 +48,12 @@ def train(cfg: RunConfig, run_dir: Path, step_callbacks: Sequence[StepCallback] 
     env = init_distributed(cfg.train.dist_timeout_s)
     try:
         return loop.run(loop.start(cfg, run_dir, env), step_callbacks)
+    except loop.StoppedBeforeStart as stopped:
+        # Preempted before anything was done: ends like a finished run (exit status 0, see
+        # loop._stop_if_signalled), with its one line.
+        if env.is_main:
+            print(stopped.message, file=sys.stderr, flush=True)
+        return stopped.run_dir
     finally:
         shutdown(env)
 

@@ -186,6 +186,49 @@ def test_a_signal_during_start_up_stops_before_anything_is_written(tmp_path, cor
     assert _files(run_dir) == before
 
 
+def _catches(pid: int, sig: signal.Signals) -> bool:
+    """Whether process `pid` has a handler for `sig` (Linux: the SigCgt mask in /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads /proc (Linux)")
+def test_a_signal_while_the_command_imports_stops_before_the_data_is_opened(tmp_path, corpus):
+    from tests.test_train import SMALL, data_overrides
+
+    store, run_dir = tmp_path / "store", tmp_path / "run"
+    cmd = [sys.executable, "-m", "longtrain.train", *SMALL, *data_overrides(corpus, store)]
+    cmd += ["train.steps=2", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        # Sent as soon as the command can record it (its first statement installs the
+        # handler; torch, Hydra and the rest are imported after): the run must not die of
+        # it, nor open (prepare) the data or build the model. The deadline only keeps a
+        # broken start from hanging the suite.
+        deadline = time.monotonic() + 120
+        while not _catches(proc.pid, signal.SIGTERM):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.005)
+        # Before torch is loaded (its import takes a second or more): what this test is
+        # about, and what a handler installed only by `loop.start` could not catch.
+        assert "libtorch" not in Path(f"/proc/{proc.pid}/maps").read_text()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    (line,) = [x for x in err.splitlines() if "SIGTERM" in x]
+    assert line.startswith("SIGTERM during start-up: stopped before opening the data; nothing")
+    assert f"train.resume=auto hydra.run.dir={run_dir}" in line
+    assert not store.exists()  # the token store was never prepared
+    assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "checkpoints").exists()
+
+
 def _files(run_dir: Path) -> dict[Path, bytes]:
     """metrics.jsonl and every checkpoint file, with their bytes."""
     paths = [run_dir / "metrics.jsonl", *(run_dir / "checkpoints").rglob("*")]

@@ -70,12 +70,22 @@ def _open_store(cfg: RunConfig, env: DistEnv):
     return store
 
 
+class StoppedBeforeStart(Exception):
+    """SIGTERM or SIGUSR1 arrived before the run opened its data; `message` is its line."""
+
+    def __init__(self, message: str, run_dir: Path) -> None:
+        super().__init__(message)
+        self.message, self.run_dir = message, run_dir
+
+
 def start(cfg: RunConfig, run_dir: Path, env: DistEnv) -> Session:
     """Check the config, agree on the run directory, open the data, build and parallelise
     the model, and resume when asked. The order fixes what every RNG draw is used for.
 
     From here on SIGTERM and SIGUSR1 are recorded, not fatal: `run` acts on them before its
-    first step (a signal during start-up) and at every step boundary."""
+    first step (a signal during start-up) and at every step boundary. One already recorded
+    (the command installs its handler first) raises StoppedBeforeStart before the data is
+    opened."""
     preemption = PreemptionHandler().install()
     try:
         return _start(cfg, run_dir, env, preemption)
@@ -92,6 +102,15 @@ def _start(cfg: RunConfig, run_dir: Path, env: DistEnv, preemption: PreemptionHa
         torch.use_deterministic_algorithms(True)
     run_dir = agree_run_dir(run_dir, env)
     check_run_dir(run_dir, cfg.train.resume, env)
+    # A signal so far (imports, composition, the rendezvous): stop before the data is opened
+    # (preparing it can take minutes) and the model built. Collective, as at every boundary.
+    signalled = preemption.agreed(env)
+    if signalled is not None:
+        raise StoppedBeforeStart(
+            f"{signalled.name} during start-up: stopped before opening the data; nothing was "
+            f"trained or written; continue with train.resume=auto hydra.run.dir={run_dir}",
+            run_dir,
+        )
     store = _open_store(cfg, env)
     dims = build_parallel_dims(cfg, env)
     if env.is_main:

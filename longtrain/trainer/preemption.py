@@ -11,6 +11,12 @@ limit; the shell forwards it to srun, srun to its tasks (torchrun), and torchrun
 `--signals-to-handle` to handle USR1, to its workers: this handler. Under plain torchrun,
 SIGTERM to the agent is forwarded the same way. torchrun kills workers that have not exited
 `--shutdown-timeout` seconds later (default 30), so that must cover one step and one save.
+
+Start-up: the command (`python -m longtrain.train`) installs a handler before its first
+heavy import, so a signal during imports, Hydra's composition or the rendezvous is recorded
+too; the handler `loop.start` installs takes over what it recorded (`install`), and the run
+stops before its first step with one line (`run`), or before opening the data (`start`).
+This module imports no torch at import time, for that first install.
 """
 
 from __future__ import annotations
@@ -18,11 +24,10 @@ from __future__ import annotations
 import signal
 import threading
 from types import FrameType
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
-
-from longtrain.distributed import DistEnv
+if TYPE_CHECKING:
+    from longtrain.distributed import DistEnv
 
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -40,11 +45,16 @@ class PreemptionHandler:
         self._previous: dict[int, object] = {}
 
     def install(self) -> PreemptionHandler:
-        """Record the signals from now on; returns self."""
+        """Record the signals from now on; returns self. A signal that the handler being
+        replaced (another PreemptionHandler's, the command's first) recorded is kept."""
         if self._previous or threading.current_thread() is not threading.main_thread():
             return self
         for sig in self.signals:
-            self._previous[sig] = signal.signal(sig, self._record)
+            previous = signal.signal(sig, self._record)
+            self._previous[sig] = previous
+            earlier = getattr(previous, "__self__", None)
+            if isinstance(earlier, PreemptionHandler) and self.received is None:
+                self.received = earlier.received
         return self
 
     def restore(self) -> None:
@@ -61,6 +71,9 @@ class PreemptionHandler:
     def agreed(self, env: DistEnv) -> signal.Signals | None:
         """Collective: the signal that some rank received (the highest number if several),
         or None; every rank gets the same answer. One all_reduce when distributed."""
+        import torch
+        import torch.distributed as dist
+
         flag = torch.tensor([float(self.received or 0)], device=env.device)  # NCCL: device
         if env.distributed:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
