@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from longtrain.distributed import DistEnv, barrier, broadcast_object
-from longtrain.distributed.deepspeed_zero import STATE_MARKER
+from longtrain.distributed.deepspeed_zero import STATE_MARKER, UNIVERSAL_DIR
 from longtrain.errors import LongtrainError, one_line
 from longtrain.trainer.manifest import MANIFEST, verify_checkpoint, write_manifest
 
@@ -283,6 +283,14 @@ class Checkpointer:
     def load(self, path: Path, model, optimizer, scheduler, loader) -> int:
         """Restore everything saved at `path`; returns the number of steps already done."""
         extra = _load_extra(path)
+        universal = path / UNIVERSAL_DIR  # a DeepSpeed checkpoint converted to load anywhere
+        if self.engine is not None and universal.is_dir():
+            problem = verify_checkpoint(universal, self.env, self.checksums)
+            if problem is not None:
+                raise CheckpointError(
+                    f"cannot load checkpoint {path}: its universal conversion does not "
+                    f"verify ({problem}); delete {universal} and convert again"
+                )
         try:
             if self.engine is not None:
                 self.engine.load(path)
@@ -296,6 +304,8 @@ class Checkpointer:
                     model_state_dict=state["model"],
                     optim_state_dict=state["optim"],
                 )
+        except LongtrainError:
+            raise  # says what to do already (a DeepSpeed checkpoint of another layout)
         # DCP's CheckpointException derives from BaseException; any reader error means the
         # files do not fit this run (another model size, a missing shard).
         except (Exception, CheckpointException) as err:
