@@ -34,7 +34,10 @@ needs_deepspeed = pytest.mark.skipif(
 )
 STEPS = 2
 # (stage, optimizer offload); ZeRO-3 with offload runs in the Ulysses test below.
-ZERO_CASES = [(1, False), (2, True), (3, False)]
+# ZeRO-1 shares ZeRO-2's optimizer (stage_1_and_2) and runs end to end in
+# test_deepspeed_universal.py (resumed at ZeRO-1 on the losses of a ZeRO-2 run): left out
+# here for the suite's time (each engine costs ~10 s on 2 CPU cores).
+ZERO_CASES = [(2, True), (3, False)]
 STACK = {
     "mlp_tiles": 3,
     "activation_checkpoint": "selective",
@@ -207,12 +210,10 @@ def test_bad_settings_are_refused(stage, offload_params, cpu_offload, message):
         check_deepspeed(cfg)
 
 
-def test_checkpoint_layout_is_checked_before_loading(tmp_path):
-    from longtrain.distributed.deepspeed_zero import STATE_MARKER, DeepSpeedRun
+def test_checkpoint_without_the_marker_is_refused_before_loading(tmp_path):
+    from longtrain.distributed.deepspeed_zero import DeepSpeedRun
 
-    run = DeepSpeedRun(engine=None, world_size=2, zero_stage=3)  # load checks come first
+    # Load checks come first; the layout checks are in test_deepspeed_universal.py.
+    run = DeepSpeedRun(engine=None, world_size=2, zero_stage=3)
     with pytest.raises(ValueError, match="is not a DeepSpeed checkpoint"):
-        run.load(tmp_path)
-    (tmp_path / STATE_MARKER).write_text('{"world_size": 4, "zero_stage": 3}')
-    with pytest.raises(ValueError, match="resume on the same world size and ZeRO stage"):
         run.load(tmp_path)

@@ -162,18 +162,18 @@ def test_search_stops_at_the_gpu_edge():
 
 
 def test_host_memory_binds_and_the_split_stays_within_it():
-    """A node whose host holds only some blocks' inputs: the longest length is where the
-    blocks the host can take no longer relieve the GPU enough; the plan says host memory
-    binds and its split fits both budgets."""
+    """A node whose host holds only one block's inputs at 4096 tokens: the longest length is
+    where the blocks the host can take no longer relieve the GPU enough; the plan says host
+    memory binds, its split fits both budgets, and the GPU alone would take a longer one."""
     cfg = small_config(2, "fsdp2", **STACK)
     gpu = PlanConfig(world_size=2, gpu_mem_gib=0.05, reserve_gib=0.01, seq_len_step=512)
     budget = budget_bytes(gpu.gpu_mem_gib, gpu.reserve_gib)
-    with Planner(cfg, gpu) as planner:
-        free = find_max_seq_len(planner, budget, first_guess=4096)
-    # Room for the inputs of 1 block at the GPU-bound answer (which offloads 3), shared by
-    # the 2 GPUs of a node.
-    assert free.limited_by == "gpu memory" and free.at_max.offloaded_blocks > 1
-    host_gib = 2 * free.at_max.host_bytes / free.at_max.offloaded_blocks / GIB
+    with Planner(cfg, gpu) as free:  # the default host: 1.9 TB a node
+        fit = evaluate(free, 4096, budget)
+    # 4096 tokens fit only by offloading several blocks' inputs.
+    assert fit.fits and fit.at.offloaded_blocks > 1
+    # Room for the inputs of 1 block at 4096, shared by the 2 GPUs of a node.
+    host_gib = 2 * fit.block_host / GIB
     plan = PlanConfig(world_size=2, gpu_mem_gib=0.05, reserve_gib=0.01, seq_len_step=512,
                       host_mem_gib=host_gib)  # fmt: skip
     with Planner(small_config(2, "fsdp2", **STACK), plan) as planner:
@@ -181,12 +181,14 @@ def test_host_memory_binds_and_the_split_stays_within_it():
         g = granule(planner)
         assert planner.host_budget == int(host_gib * GIB) // 2
         assert found.limited_by == "host memory"
-        assert found.max_seq_len < free.max_seq_len
-        at = found.at_max
-        assert at.peak_bytes <= budget and at.host_bytes <= planner.host_budget
-        assert at.offloaded_blocks <= 1
+        at_max = found.at_max
+        assert at_max.peak_bytes <= budget and at_max.host_bytes <= planner.host_budget
+        assert at_max.offloaded_blocks <= 1
         beyond = evaluate(planner, found.max_seq_len + g, budget)
         assert not beyond.fits and beyond.binds == "host memory"
+    # With the host it needs, the GPU takes that next length: the host is what binds.
+    with Planner(small_config(2, "fsdp2", **STACK), gpu) as free:
+        assert evaluate(free, found.max_seq_len + g, budget).fits
 
 
 def test_nothing_fits_is_refused_with_the_numbers():
