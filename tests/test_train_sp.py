@@ -1,12 +1,17 @@
 """End to end under torchrun: every sequence-parallel layout trains with the per-step losses
-of one process (float64, gloo, 4 processes)."""
+of one process (float64, gloo, 4 processes). The data is chat data with a loss mask (plain
+texts, conversations and prompt/completion pairs, `tests.fixtures.write_chat_corpus`), so
+the mask's path through packing, the dp split and every SP layout is what is compared; and
+with held-out documents evaluated every 5 steps, the evaluation (loss and loss by position)
+too."""
 
 from __future__ import annotations
 
 import pytest
 
-from tests.fixtures import write_text_corpus
-from tests.test_train import SMALL, data_overrides, read_metrics, run_cli
+from longtrain.data.token_store import TokenStore
+from tests.fixtures import write_chat_corpus
+from tests.test_train import SMALL, read_metrics, run_cli
 
 STEPS = 10
 LAYOUTS = {
@@ -21,19 +26,31 @@ LAYOUTS = {
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     root = tmp_path_factory.mktemp("sp")
-    corpus = write_text_corpus(root / "corpus", num_docs=80, seed=1)
+    corpus = write_chat_corpus(root / "chat.jsonl", num_records=80, seed=1)
     common = [
         *SMALL,
-        *data_overrides(corpus, root / "store"),
+        f"data.source=jsonl:{corpus}",
+        f"data.store_dir={root / 'store'}",
         "data.seq_len=128",
         "model.dtype=float64",
         f"train.steps={STEPS}",
         "train.ckpt_final=false",
+        "data.val_fraction=0.15",
+        "train.eval_every=5",
+        "train.eval_sequences=4",
         "logging.plot=false",
     ]
     proc = run_cli([*common, f"hydra.run.dir={root / 'one'}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
+    store = TokenStore.open(root / "store")
+    # Masked: a third or so of the tokens train (assistant turns, completions, texts).
+    assert store.loss_mask is not None and 0.1 < store.loss_mask.mean() < 0.9
     return root, common, read_metrics(root / "one")
+
+
+def _split(records: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(training lines, evaluation lines) of a metrics.jsonl."""
+    return [r for r in records if "loss" in r], [r for r in records if "eval_loss" in r]
 
 
 @pytest.mark.distributed
@@ -43,7 +60,7 @@ def test_sp_layout_matches_one_process(single, layout):
     run_dir = root / layout
     proc = run_cli([*common, *LAYOUTS[layout], f"hydra.run.dir={run_dir}"], nproc=4)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    got = read_metrics(run_dir)
+    (got, got_eval), (expected, expected_eval) = _split(read_metrics(run_dir)), _split(expected)
     assert [r["tokens"] for r in got] == [r["tokens"] for r in expected]
     # float64: layouts differ only in how partial attention results and gradient sums are
     # reassociated (LSE merges, all-to-alls are exact), so per-step losses agree to ~1e-15;
@@ -52,6 +69,15 @@ def test_sp_layout_matches_one_process(single, layout):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-9, abs=0)
     assert len(got) == STEPS
     assert all(r["comm_bytes"] > 0 and r["comm_calls"] > 0 for r in got)
+    # The held-out evaluation: the same tokens, the same losses (reassociation only).
+    assert [r["step"] for r in got_eval] == [4, 9] == [r["step"] for r in expected_eval]
+    for a, b in zip(got_eval, expected_eval):
+        assert a["eval_tokens"] == b["eval_tokens"] > 0
+        assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=1e-9, abs=0)
+        assert a["loss_by_position"].keys() == b["loss_by_position"].keys()
+        for k, v in b["loss_by_position"].items():
+            got_k = a["loss_by_position"][k]
+            assert got_k == v if v is None else got_k == pytest.approx(v, rel=1e-9, abs=0), k
 
 
 @pytest.mark.distributed
@@ -64,7 +90,7 @@ def test_variable_length_per_document_loss_is_layout_independent(single):
     four = run_cli([*variable, "parallel=ring", "parallel.ring=2",
                     f"hydra.run.dir={root / 'var-four'}"], nproc=4)  # fmt: skip
     assert four.returncode == 0, four.stderr[-4000:]
-    a, b = read_metrics(root / "var-one"), read_metrics(root / "var-four")
+    a, b = _split(read_metrics(root / "var-one"))[0], _split(read_metrics(root / "var-four"))[0]
     assert len({r["seq_len"] for r in a}) > 1  # the shapes really vary
     assert [r["seq_len"] for r in a] == [r["seq_len"] for r in b]
     # Per-document weights are computed on the unsharded batch, so dp x sp only reassociates.

@@ -24,6 +24,7 @@ from longtrain.config.schema import (
     PACKINGS,
     PLAN_DEVICES,
     SCHEDULES,
+    TRAIN_ON,
     WANDB_MODES,
     ZERO_STAGES,
     MemoryConfig,
@@ -222,6 +223,18 @@ def _check_data(cfg: RunConfig) -> None:
     _at_least("data.limit_docs", d.limit_docs, 0, " (0: every document)")
     _at_least("data.prefetch", d.prefetch, 0, " (0: no background thread)")
     _one_of("data.loss_weighting", d.loss_weighting, LOSS_WEIGHTINGS)
+    _one_of("data.train_on", d.train_on, TRAIN_ON)
+    if not 0 <= d.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction={d.val_fraction} must be in [0, 1)")
+    _at_least("train.eval_every", cfg.train.eval_every, 0, " (0: no evaluation)")
+    _at_least("train.eval_sequences", cfg.train.eval_sequences, 0, " (0: train.global_batch)")
+    if cfg.train.eval_every and not (d.val_fraction or d.val_source):
+        raise ConfigError(
+            f"train.eval_every={cfg.train.eval_every} needs held-out documents: set "
+            "data.val_fraction (e.g. 0.05) or data.val_source"
+        )
+    if d.val_fraction and d.val_source:
+        raise ConfigError("data.val_fraction and data.val_source: name one of them")
     if not d.store_dir:
         raise ConfigError("data.store_dir is empty: name the token store directory")
     for k, st in enumerate(d.stages):

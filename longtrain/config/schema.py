@@ -17,6 +17,7 @@ DTYPES = ("float32", "bfloat16", "float64")
 PACKINGS = ("concat_chunk", "best_fit", "decomposition")
 CURRICULA = ("uniform", "grow_linear", "grow_p2")
 LOSS_WEIGHTINGS = ("token", "per_document")
+TRAIN_ON = ("assistant", "all")  # which tokens of chat / prompt-completion records train
 SCHEDULES = ("cosine", "constant")
 AC_MODES = ("none", "full", "selective")
 ENGINES = ("fsdp2", "deepspeed", "none")
@@ -79,6 +80,15 @@ class DataConfig:
     # '[{steps:100,seq_len:4096,rope_theta:5e5},{steps:50,seq_len:16384,rope_theta:4e6}]'
     stages: list[StageConfig] = field(default_factory=list)
     loss_weighting: str = "token"  # token (each trained token equal) | per_document (LongAlign)
+    # JSONL chat ({"messages"}) and {"prompt", "completion"} records: train on the assistant
+    # turns / completions only (a loss mask in the store) or on every token.
+    train_on: str = "assistant"  # assistant | all
+    # Documents held out for evaluation (train.eval_every), chosen from the store alone; or
+    # a source of its own (every document evaluated, never trained), prepared into
+    # val_store_dir ("": store_dir + "-val") with the training store's tokenizer.
+    val_fraction: float = 0.0
+    val_source: str = ""  # "" | stdlib | dir:PATH | jsonl:PATH
+    val_store_dir: str = ""
     balance: bool = True  # assign sequences to dp ranks balancing attention cost
     prefetch: int = 1  # steps built ahead in a background thread (0: none)
 
@@ -140,6 +150,8 @@ class TrainConfig:
     ckpt_async: bool = False  # DCP async_save: stage to host, write while training goes on
     skip_nonfinite: bool = False  # a non-finite loss/grad norm skips the update (default: stop)
     resume: str = "none"  # none | auto (newest complete checkpoint in the run dir) | PATH
+    eval_every: int = 0  # evaluate the held-out documents every N steps (0: never)
+    eval_sequences: int = 0  # held-out sequences of data.seq_len evaluated (0: global_batch)
     deterministic: bool = False  # torch.use_deterministic_algorithms
     engine: str = "fsdp2"  # fsdp2 (when world size > 1) | deepspeed | none (replicas)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
@@ -207,6 +219,7 @@ __all__ = [
     "EMBEDDED_STORE_DIR",
     "ENGINES",
     "LOSS_WEIGHTINGS",
+    "TRAIN_ON",
     "PACKINGS",
     "PLAN_DEVICES",
     "SCHEDULES",

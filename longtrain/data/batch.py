@@ -62,6 +62,7 @@ def build_batch(
     seq_ids: np.ndarray,
     pad_id: int,
     loss_weighting: str = "token",
+    loss_mask: np.ndarray | None = None,
 ) -> PackedBatch:
     """Assemble the sequences `seq_ids` of `packing` into one flat batch of
     len(seq_ids) x packing.seq_len tokens.
@@ -70,6 +71,10 @@ def build_batch(
     `loss_weighting`: `token` (every trained token weighs 1) or `per_document` (LongAlign:
     each segment's trained tokens weigh 1/N_i, so every document weighs the same; the trainer
     divides by the global sum of weights, i.e. the number of documents).
+    `loss_mask`: the store's uint8 [num_tokens] (1: a training target) or None (all are). A
+    label whose token is masked is IGNORE_INDEX, so it weighs nothing and its value cannot
+    matter; per-document weights count trained tokens only, and a segment without any gets
+    weight 0.
     """
     if loss_weighting not in LOSS_WEIGHTINGS:
         raise ValueError(f"loss weighting {loss_weighting!r}; expected one of {LOSS_WEIGHTINGS}")
@@ -94,7 +99,10 @@ def build_batch(
             hi = min(lo + length + 1, offsets[doc + 1])
             piece = np.asarray(tokens[lo:hi], dtype=np.int64)
             tok_T[cursor : cursor + length] = piece[:length]
-            lab_T[cursor : cursor + len(piece) - 1] = piece[1:]
+            targets = piece[1:]
+            if loss_mask is not None:  # the label of token t is token t + 1: its mask bit
+                targets = np.where(loss_mask[lo + 1 : hi] != 0, targets, IGNORE_INDEX)
+            lab_T[cursor : cursor + len(piece) - 1] = targets
             pos_T[cursor : cursor + length] = np.arange(length)
             seg_lengths.append(int(length))
             seg_is_pad.append(False)

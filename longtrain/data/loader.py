@@ -34,6 +34,7 @@ class PackedLoader:
 
     `micro_tokens`: tokens per micro-batch on this rank (0: the whole share in one); with
     variable sequence lengths a micro-batch holds micro_tokens // seq_len sequences.
+    `loss_mask`: the store's per-token training targets (chat data), or None: all tokens.
     """
 
     def __init__(
@@ -48,11 +49,13 @@ class PackedLoader:
         balance: bool = True,
         loss_weighting: str = "token",
         prefetch: int = 1,
+        loss_mask: np.ndarray | None = None,
     ) -> None:
         self.tokens, self.offsets, self.schedule = tokens, offsets, schedule
         self.dp_rank, self.dp_size, self.pad_id = dp_rank, dp_size, pad_id
         self.micro_tokens, self.balance = micro_tokens, balance
         self.loss_weighting, self.prefetch = loss_weighting, prefetch
+        self.loss_mask = loss_mask  # the store's (1: a training target), or None
         self.next_step = 0
         self._pool: ThreadPoolExecutor | None = None
         self._pending: dict[int, Future] = {}
@@ -98,6 +101,7 @@ class PackedLoader:
                 mine[i : i + micro],
                 self.pad_id,
                 self.loss_weighting,
+                self.loss_mask,
             )
             for i in range(0, local, micro)
         ]

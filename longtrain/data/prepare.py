@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from longtrain.data.chat import TRAIN_ON, encode_record
 from longtrain.data.sources import Source, open_source, source_identity
 from longtrain.data.token_store import (
     VERSION,
@@ -53,13 +54,16 @@ REPLACE_HINT = (
 )
 
 
-def fingerprint(source: Source, tokenizer: Tokenizer, limit_docs: int | None) -> str:
+def fingerprint(
+    source: Source, tokenizer: Tokenizer, limit_docs: int | None, train_on: str = "assistant"
+) -> str:
     """sha256 hex of everything that determines the store's content.
 
     Args:
         source: the parsed source (its kind, resolved root, pattern/field and file stats).
         tokenizer: its `spec()` is hashed.
         limit_docs: None (all documents) or a positive count.
+        train_on: which tokens of chat records are trained (JSONL sources; see `chat`).
     Returns:
         64-character hex string.
     """
@@ -76,6 +80,8 @@ def fingerprint(source: Source, tokenizer: Tokenizer, limit_docs: int | None) ->
         "limit_docs": limit_docs,
         "files": source.file_stats(),
     }
+    if source.kind == "jsonl":
+        ident["train_on"] = train_on
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 
@@ -143,6 +149,7 @@ def prepare(
     show_progress: bool = True,
     force: bool = False,
     replace: bool = False,
+    train_on: str = "assistant",
 ) -> TokenStore:
     """Build (or reuse) the token store of a corpus.
 
@@ -158,6 +165,9 @@ def prepare(
         force: rebuild even if a store from the same inputs exists.
         replace: allow replacing a store at out_dir that another source built (without it,
             that is refused: a user's store is never replaced by accident).
+        train_on: JSONL chat and prompt/completion records (`longtrain.data.chat`):
+            "assistant" trains on assistant turns and completions only (the store gets a
+            loss mask), "all" on every token.
     Returns:
         the opened, validated TokenStore at out_dir.
     Raises:
@@ -169,6 +179,8 @@ def prepare(
     """
     if limit_docs is not None and limit_docs < 0:
         raise ValueError(f"limit_docs must be None, 0 (all) or positive, got {limit_docs}")
+    if train_on not in TRAIN_ON:
+        raise ValueError(f"train_on {train_on!r}; expected one of {', '.join(TRAIN_ON)}")
     limit = limit_docs or None
     out_dir = Path(out_dir)
     src = open_source(source)
@@ -177,7 +189,7 @@ def prepare(
     if header is not None:
         _check_same_source(out_dir, header, src, replace)
     tok = load_tokenizer(tokenizer or "byte")
-    fp = fingerprint(src, tok, limit)
+    fp = fingerprint(src, tok, limit, train_on)
     if header is not None and not force and (store := _existing(out_dir, fp)) is not None:
         log.info("reusing token store %s (%d docs)", out_dir, store.num_docs)
         return store
@@ -192,17 +204,25 @@ def prepare(
         "limit_docs": limit,
         "prepare": PREPARE_VERSION,
     }
+    if src.kind == "jsonl":
+        meta["train_on"] = train_on
     with (
         TokenStoreWriter(out_dir, tok.vocab_size, tok.spec(), fingerprint=fp, meta=meta) as w,
         tqdm(total=total, unit="doc", desc=f"prepare {source}", disable=not show_progress) as bar,
     ):
         eos = np.array([tok.eos_id], dtype=w.dtype)
-        for _name, chunks in src.document_chunks():
+        for chunks, chat in _documents(src):
             w.begin_document()
-            for ids in tok.encode_chunks(chunks, w.dtype):
-                w.extend(ids)
-            if w.doc_tokens:  # a text that encodes to nothing is skipped (counted in the header)
-                w.extend(eos)
+            if chat is None:
+                for ids in tok.encode_chunks(chunks, w.dtype):
+                    w.extend(ids)
+                if w.doc_tokens:  # a text that encodes to nothing is skipped (counted)
+                    w.extend(eos)
+            else:
+                ids, mask = encode_record(chat[1], tok, train_on, where=chat[0])
+                if train_on != "all":
+                    w.enable_loss_mask()  # the first such record: earlier tokens all train
+                w.extend(ids.astype(w.dtype), mask if w.has_loss_mask else None)
             w.end_document()
             bar.update(1)
             if limit is not None and w.num_docs >= limit:
@@ -210,6 +230,20 @@ def prepare(
         bar.total = bar.n  # empty/unreadable files are no documents: end the bar at 100%
         bar.refresh()
     return TokenStore.open(out_dir)
+
+
+def _documents(src: Source):
+    """(text pieces, None) of each text document (a file's text streams in pieces); (None,
+    (where, record)) of each JSONL chat or prompt/completion record."""
+    if src.kind != "jsonl":
+        for _name, chunks in src.document_chunks():
+            yield chunks, None
+        return
+    for _name, where, record in src.records():
+        if record.kind == "text":
+            yield iter((record.text,)), None
+        else:
+            yield None, (where, record)
 
 
 def summarize(store: TokenStore) -> dict[str, Any]:
@@ -226,6 +260,7 @@ def summarize(store: TokenStore) -> dict[str, Any]:
         "vocab_size": store.vocab_size,
         "dtype": store.header["dtype"],
         "bytes": size,
+        "trained_tokens": int(store.header.get("trained_tokens", store.num_tokens)),
     }
 
 
@@ -248,6 +283,13 @@ def _main(argv: list[str] | None) -> None:
     p.add_argument(
         "--replace", action="store_true", help="allow replacing a store built from another source"
     )
+    p.add_argument(
+        "--train-on",
+        choices=("assistant", "all"),
+        default="assistant",
+        help="JSONL chat / prompt-completion records: train on assistant turns and "
+        "completions only (a loss mask), or on every token",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -260,6 +302,7 @@ def _main(argv: list[str] | None) -> None:
         show_progress=not args.no_progress,
         force=args.force,
         replace=args.replace,
+        train_on=args.train_on,
     )
     s = summarize(store)
     print(
@@ -267,6 +310,7 @@ def _main(argv: list[str] | None) -> None:
         f"vocab {s['vocab_size']}, {s['bytes'] / 2**20:.1f} MiB)\n"
         f"doc length (tokens): median {s['median_len']:.0f}, p99 {s['p99_len']:.0f}, "
         f"max {s['max_len']}\n"
+        f"trained tokens: {s['trained_tokens']} ({s['trained_tokens'] / s['tokens']:.1%})\n"
         f"seconds: {time.perf_counter() - t0:.2f}"
     )
 

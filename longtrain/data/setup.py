@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from longtrain.data.schedule import (
 )
 from longtrain.data.token_store import TokenStore
 from longtrain.data.tokenizer import load_tokenizer
+from longtrain.data.validation import split_documents, train_packer
 from longtrain.errors import DataError
 
 PACKERS = {"concat_chunk": concat_chunk, "best_fit": best_fit}
@@ -53,6 +55,7 @@ def resolve_token_store(cfg: DataConfig, show_progress: bool = True) -> TokenSto
             limit_docs=cfg.limit_docs or None,
             show_progress=show_progress,
             replace=cfg.replace_store,
+            train_on=cfg.train_on,
         )
     path = Path(cfg.store_dir)
     if not path.exists() or (path.is_dir() and not any(path.iterdir())):
@@ -72,18 +75,20 @@ def resolve_token_store(cfg: DataConfig, show_progress: bool = True) -> TokenSto
     return store
 
 
-def _tokenizer_identity(spec: dict[str, Any]) -> dict[str, Any]:
-    # The same tokenizer files in another directory are the same tokenizer.
+def tokenizer_identity(spec: dict[str, Any]) -> dict[str, Any]:
+    """What makes two tokenizer specs the same tokenizer: the same files in another
+    directory are."""
     return {k: v for k, v in spec.items() if k not in ("name", "path")}
 
 
 def _check_store_matches(store: TokenStore, cfg: DataConfig) -> None:
-    """Refuse a data.tokenizer / data.limit_docs that the store's header contradicts."""
+    """Refuse a data.tokenizer / data.limit_docs / data.train_on that the store's header
+    contradicts."""
     built = f"the token store at {cfg.store_dir!r} (built from {store_source(store.header)!r}"
     fix = "drop it to train on the store as it is, or name data.source=... to build another store"
     if cfg.tokenizer:
         want = load_tokenizer(cfg.tokenizer).spec()
-        if _tokenizer_identity(want) != _tokenizer_identity(store.tokenizer_spec):
+        if tokenizer_identity(want) != tokenizer_identity(store.tokenizer_spec):
             raise DataError(
                 f"data.tokenizer={cfg.tokenizer!r} disagrees with {built} with tokenizer "
                 f"{store.tokenizer_spec.get('name', '?')!r}); {fix}"
@@ -95,6 +100,13 @@ def _check_store_matches(store: TokenStore, cfg: DataConfig) -> None:
             f"data.limit_docs={cfg.limit_docs} disagrees with {built} with limit_docs "
             f"{had or 'none (all documents)'}); {fix}"
         )
+    trained_on = meta.get("train_on") if isinstance(meta, dict) else None
+    if trained_on is not None and trained_on != cfg.train_on:
+        raise DataError(
+            f"data.train_on={cfg.train_on} disagrees with {built}, prepared with train_on="
+            f"{trained_on}); name its data.source to rebuild it with train_on={cfg.train_on}, "
+            f"or set data.train_on={trained_on}"
+        )
 
 
 def build_schedule(store: TokenStore, cfg: RunConfig):
@@ -103,19 +115,24 @@ def build_schedule(store: TokenStore, cfg: RunConfig):
     for decomposition)."""
     data, seed = cfg.data, cfg.train.seed
     tokens_per_step = cfg.train.global_batch * data.seq_len
+    train_ids, _ = split_documents(store.num_docs, data.val_fraction)  # held-out docs never train
     if data.stages:
+        packer = train_packer(PACKERS[data.packing], train_ids)
         specs = [
             StageSpec(Stage(st.steps, st.seq_len, st.rope_theta), stage_batch(st, tokens_per_step))
             for st in data.stages
         ]
-        return StagedSchedule(specs, store.doc_lengths, PACKERS[data.packing], seed, data.shuffle)
+        return StagedSchedule(specs, store.doc_lengths, packer, seed, data.shuffle)
     if data.packing == "decomposition":
         max_log2 = data.max_log2 or int(math.log2(data.seq_len))
-        dec = decompose(store.doc_lengths, data.min_log2, max_log2)
+        dec = decompose(store.doc_lengths[train_ids], data.min_log2, max_log2)
+        if data.val_fraction:
+            buckets = {i: (train_ids[d], s) for i, (d, s) in dec.buckets.items()}
+            dec = replace(dec, buckets=buckets)
         return DecompositionSchedule(
             dec, tokens_per_step, data.curriculum, data.curriculum_cycles, seed
         )
-    packing = PACKERS[data.packing](store.doc_lengths, data.seq_len)
+    packing = train_packer(PACKERS[data.packing], train_ids)(store.doc_lengths, data.seq_len)
     return FixedLengthSchedule(packing, cfg.train.global_batch, seed, data.shuffle)
 
 
@@ -133,4 +150,5 @@ def build_loader(store: TokenStore, cfg: RunConfig, dp_rank: int, dp_size: int) 
         balance=cfg.data.balance,
         loss_weighting=cfg.data.loss_weighting,
         prefetch=cfg.data.prefetch,
+        loss_mask=store.loss_mask,
     )

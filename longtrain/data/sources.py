@@ -212,9 +212,11 @@ def _glob_files(path: Path, pattern: str) -> list[Path]:
     return sorted((p for p in path.glob(pattern) if p.is_file()), key=lambda p: _rel(p, path))
 
 
-def _jsonl_lines(
-    files: tuple[Path, ...], root: Path, field: str, limit: int | None
-) -> Iterator[tuple[str, str]]:
+def _jsonl_objects(
+    files: tuple[Path, ...], root: Path, limit: int | None, counts
+) -> Iterator[tuple[str, str, Any]]:
+    """(name "file:line", where "'path' line N", parsed JSON) of every non-blank line, in
+    order; `counts(obj, where)` says whether a line is a document (for `limit`)."""
     n = 0
     for file in files:
         # Bytes, decoded line by line, so that a line that is not UTF-8 is named.
@@ -235,22 +237,31 @@ def _jsonl_lines(
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{where} is not valid JSON: {e}") from e
-                if not isinstance(obj, dict) or field not in obj:
-                    raise ValueError(
-                        f"{where} has no field {field!r}; pass the name of the text field "
-                        "(jsonl_documents(path, field=...))"
-                    )
-                text = obj[field]
-                if not isinstance(text, str):
-                    raise ValueError(
-                        f"{where}: field {field!r} is {type(text).__name__}, expected a string"
-                    )
-                if text:
+                    raise DataError(f"{where} is not valid JSON: {e}") from e
+                if counts(obj, where):
                     n += 1
-                    yield f"{_rel(file, root)}:{lineno}", text
+                    yield f"{_rel(file, root)}:{lineno}", where, obj
     if n == 0:
         raise ValueError(f"no documents found in JSONL {[str(f) for f in files]}")
+
+
+def _jsonl_lines(
+    files: tuple[Path, ...], root: Path, field: str, limit: int | None
+) -> Iterator[tuple[str, str]]:
+    def is_text(obj: Any, where: str) -> bool:
+        if not isinstance(obj, dict) or field not in obj:
+            raise ValueError(
+                f"{where} has no field {field!r}; pass the name of the text field "
+                "(jsonl_documents(path, field=...))"
+            )
+        if not isinstance(obj[field], str):
+            raise ValueError(
+                f"{where}: field {field!r} is {type(obj[field]).__name__}, expected a string"
+            )
+        return bool(obj[field])
+
+    for name, _, obj in _jsonl_objects(files, root, limit, is_text):
+        yield name, obj[field]
 
 
 @dataclass(frozen=True)
@@ -267,6 +278,26 @@ class Source:
     def documents(self, limit: int | None = None) -> Iterator[tuple[str, str]]:
         """(name, text) documents; limit None or 0 for all, else stop after that many."""
         return ((name, "".join(chunks)) for name, chunks in self.document_chunks(limit))
+
+    def records(self, limit: int | None = None) -> Iterator[tuple[str, str, Any]]:
+        """(name, where, Record) of a JSONL source's lines (`longtrain.data.chat`): text,
+        chat messages, or prompt/completion; limit None or 0 for all, else stop after that
+        many records (empty texts are skipped and not counted). A bad record raises
+        DataError naming its file and line."""
+        from longtrain.data.chat import parse_record
+
+        if self.kind != "jsonl":
+            raise ValueError(f"records() reads JSONL sources, not {self.kind!r}")
+        parsed: dict[str, Any] = {}
+
+        def counts(obj: Any, where: str) -> bool:
+            record = parse_record(obj, where, self.field)
+            if record is not None:
+                parsed[where] = record
+            return record is not None
+
+        for name, where, _ in _jsonl_objects(self.files, self.root, _check_limit(limit), counts):
+            yield name, where, parsed.pop(where)
 
     def document_chunks(self, limit: int | None = None) -> Iterator[tuple[str, Iterator[str]]]:
         """(name, pieces) documents: each text as consecutive non-empty str pieces.

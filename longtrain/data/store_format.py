@@ -7,11 +7,15 @@ A store is a directory:
                   else uint32)
     offsets.npy   int64 [N+1]; document i is tokens[offsets[i]:offsets[i+1]]; offsets[0] = 0
     header.json   format, version, tokenizer spec, vocab_size, dtype, num_docs, num_tokens,
-                  skipped_empty_docs, source fingerprint, created time, free-form meta
+                  skipped_empty_docs, source fingerprint, created time, free-form meta;
+                  `loss_mask: true` (with `trained_tokens`) when the next file is there
+    loss_mask.bin optional (chat and prompt/completion data): uint8 [num_tokens], 1 where the
+                  token is a training target (an assistant's or a completion's), else 0;
+                  without it every token is one
 
 A user's files are never deleted: a new store only replaces what `check_replaceable` allows (a
 missing path, an empty directory, or a directory that holds our header and nothing but the
-store's three files), and files are removed by name (`remove_store_files`), never as a tree.
+store's files), and files are removed by name (`remove_store_files`), never as a tree.
 The reader and writer are in `longtrain.data.token_store`.
 """
 
@@ -35,7 +39,8 @@ VERSION = 1
 TOKENS_FILE = "tokens.bin"
 OFFSETS_FILE = "offsets.npy"
 HEADER_FILE = "header.json"
-STORE_FILES = frozenset({TOKENS_FILE, OFFSETS_FILE, HEADER_FILE})
+MASK_FILE = "loss_mask.bin"
+STORE_FILES = frozenset({TOKENS_FILE, OFFSETS_FILE, HEADER_FILE, MASK_FILE})
 DTYPES = ("uint8", "uint16", "uint32")
 BUILD_HINT = "build one with `python -m longtrain.data.prepare --source SOURCE --out NEW_DIR`"
 

@@ -25,6 +25,7 @@ from longtrain.data.store_format import (
     BUILD_HINT,
     FORMAT,
     HEADER_FILE,
+    MASK_FILE,
     OFFSETS_FILE,
     TOKENS_FILE,
     VERSION,
@@ -61,6 +62,7 @@ class TokenStoreWriter:
         tokenizer_spec: dict[str, Any],
         fingerprint: str = "",
         meta: dict[str, Any] | None = None,
+        loss_mask: bool = False,
     ) -> None:
         """Create a fresh `<path>.tmp-XXXXXXXX` directory beside `path` for writing.
 
@@ -72,6 +74,8 @@ class TokenStoreWriter:
                 its eos_id, pad_id (and bos_id if not None) must be < vocab_size.
             fingerprint: identity of the inputs (see `longtrain.data.prepare`), kept in the header.
             meta: extra JSON-able facts to keep in header["meta"] (e.g. the source spec).
+            loss_mask: write `loss_mask.bin` too: `extend(ids, mask)` says which tokens are
+                training targets (a piece without a mask: all of them).
         Raises:
             DataError: `path` holds something that is not ours to replace (`check_replaceable`).
         """
@@ -87,6 +91,9 @@ class TokenStoreWriter:
         self._target.parent.mkdir(parents=True, exist_ok=True)
         self.tmp_path = fresh_dir(self._target.parent, f"{self._target.name}.tmp-")
         self._file = open(self.tmp_path / TOKENS_FILE, "wb")  # noqa: SIM115 (closed in finish)
+        self._mask = open(self.tmp_path / MASK_FILE, "wb") if loss_mask else None  # noqa: SIM115
+        self.trained_tokens = 0  # written tokens whose mask is 1 (closed documents)
+        self._doc_trained = 0
         self._offsets = array("q", [0])
         self._doc_tokens: int | None = None  # tokens of the open document; None: none open
         self.skipped_empty_docs = 0
@@ -118,11 +125,13 @@ class TokenStoreWriter:
             raise ValueError("begin_document() while a document is open; call end_document()")
         self._doc_tokens = 0
 
-    def extend(self, ids: Any) -> None:
+    def extend(self, ids: Any, mask: Any = None) -> None:
         """Append a piece of the open document, cast straight to the store dtype.
 
         Args:
             ids: 1-D integer array-like [T] of token ids in 0..vocab_size-1.
+            mask: with `loss_mask`, bool or 0/1 array-like [T], True where the token is a
+                training target; None: all are.
         Raises:
             ValueError: a bad piece; the open document is then discarded (nothing of it stays).
         """
@@ -132,12 +141,52 @@ class TokenStoreWriter:
         arr = np.asarray(ids)
         try:
             self._check_piece(arr)
+            bits = self._mask_bits(arr, mask)
         except ValueError:
             self._discard_document()
             raise
         if arr.size:
             self._file.write(np.ascontiguousarray(arr.astype(self.dtype, copy=False)).data)
+            if self._mask is not None:
+                self._mask.write(bits.data)
+                self._doc_trained += int(bits.sum())
             self._doc_tokens += arr.size
+
+    @property
+    def has_loss_mask(self) -> bool:
+        """Whether this store gets a `loss_mask.bin`."""
+        return self._mask is not None
+
+    def enable_loss_mask(self) -> None:
+        """Give the store a loss mask from now on (the first chat record of a source): every
+        token written so far, of the open document too, is a training target."""
+        self._check_open()
+        if self._mask is not None:
+            return
+        self._mask = open(self.tmp_path / MASK_FILE, "wb")  # noqa: SIM115 (closed in finish)
+        ones = np.ones(1 << 20, dtype=np.uint8)
+        for lo in range(0, self.num_tokens, ones.size):
+            self._mask.write(ones[: min(ones.size, self.num_tokens - lo)].data)
+        self.trained_tokens = self._offsets[-1]
+        self._doc_trained = self._doc_tokens or 0
+
+    def _mask_bits(self, arr: np.ndarray, mask: Any) -> np.ndarray:
+        if self._mask is None:
+            if mask is not None:
+                raise ValueError("a mask for a store written without loss_mask=True")
+            return np.empty(0, dtype=np.uint8)
+        if mask is None:
+            return np.ones(arr.size, dtype=np.uint8)
+        bits = np.asarray(mask)
+        if bits.shape != arr.shape or not (
+            bits.dtype == np.bool_
+            or (np.issubdtype(bits.dtype, np.integer) and ((bits == 0) | (bits == 1)).all())
+        ):
+            raise ValueError(
+                f"a loss mask must be bool or 0/1 of the piece's shape {arr.shape}, got "
+                f"{bits.dtype} {bits.shape}"
+            )
+        return np.ascontiguousarray(bits.astype(np.uint8))
 
     def _check_piece(self, arr: np.ndarray) -> None:
         if arr.ndim != 1:
@@ -155,11 +204,15 @@ class TokenStoreWriter:
             )
 
     def _discard_document(self) -> None:
-        # Cut tokens.bin back to where the open document began.
+        # Cut tokens.bin (and loss_mask.bin) back to where the open document began.
         self._file.flush()
         self._file.seek(self._offsets[-1] * self.dtype.itemsize)
         self._file.truncate()
-        self._doc_tokens = None
+        if self._mask is not None:
+            self._mask.flush()
+            self._mask.seek(self._offsets[-1])
+            self._mask.truncate()
+        self._doc_tokens, self._doc_trained = None, 0
 
     def end_document(self) -> int | None:
         """Close the open document.
@@ -171,6 +224,8 @@ class TokenStoreWriter:
         if self._doc_tokens is None:
             raise ValueError("end_document() without an open document")
         n, self._doc_tokens = self._doc_tokens, None
+        self.trained_tokens += self._doc_trained
+        self._doc_trained = 0
         if n == 0:
             self.skipped_empty_docs += 1
             return None
@@ -221,9 +276,11 @@ class TokenStoreWriter:
         return self.path
 
     def _finalise(self) -> None:
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        for f in (self._file, self._mask):
+            if f is not None:
+                f.flush()
+                os.fsync(f.fileno())
+                f.close()
         offsets = np.frombuffer(self._offsets, dtype=np.int64)
         with open(self.tmp_path / OFFSETS_FILE, "wb") as f:
             np.save(f, offsets)
@@ -242,6 +299,9 @@ class TokenStoreWriter:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "meta": self.meta,
         }
+        if self._mask is not None:
+            header["loss_mask"] = True
+            header["trained_tokens"] = self.trained_tokens
         # The header is written last: a directory without it is never a complete store.
         with open(self.tmp_path / HEADER_FILE, "w") as f:
             json.dump(header, f, indent=2)
@@ -274,8 +334,9 @@ class TokenStoreWriter:
 
     def abort(self) -> None:
         """Discard everything written; the final path is left as it was."""
-        if not self._file.closed:
-            self._file.close()
+        for f in (self._file, self._mask):
+            if f is not None and not f.closed:
+                f.close()
         if self.tmp_path.exists():
             remove_store_files(self.tmp_path)
         self._done = True
@@ -298,16 +359,26 @@ class TokenStore:
         path: the store directory.
         header: the parsed header.json.
         tokens: read-only np.memmap [num_tokens] of the on-disk dtype (header["dtype"]).
+        loss_mask: read-only np.memmap uint8 [num_tokens], 1 where the token is a training
+            target, or None when the store has no mask (every token is one).
         offsets: int64 [num_docs + 1], offsets[0] = 0.
         doc_lengths: int64 [num_docs], every entry >= 1.
         num_docs, num_tokens, vocab_size: ints from the (validated) header.
     """
 
-    def __init__(self, path: Path, header: dict[str, Any], tokens: np.memmap, offsets: np.ndarray):
+    def __init__(
+        self,
+        path: Path,
+        header: dict[str, Any],
+        tokens: np.memmap,
+        offsets: np.ndarray,
+        loss_mask: np.memmap | None = None,
+    ):
         """Use `TokenStore.open`; this only assigns already validated parts."""
         self.path = path
         self.header = header
         self.tokens = tokens
+        self.loss_mask = loss_mask
         self.offsets = offsets
         self.doc_lengths = np.diff(offsets)
         self.num_docs = int(header["num_docs"])
@@ -432,7 +503,21 @@ class TokenStore:
         if check_tokens and vocab_size <= np.iinfo(dtype).max:
             check_max_id(tokens_file, dtype, offsets, vocab_size, _CHECK_CHUNK)
         tokens = np.memmap(tokens_file, dtype=dtype, mode="r", shape=(num_tokens,))
-        return cls(path, header, tokens, offsets)
+        return cls(path, header, tokens, offsets, _open_mask(path, header, num_tokens))
+
+
+def _open_mask(path: Path, header: dict[str, Any], num_tokens: int) -> np.memmap | None:
+    """The store's loss mask (see `store_format`), its size checked; None without one."""
+    if not header.get("loss_mask"):
+        return None
+    file = path / MASK_FILE
+    actual = file.stat().st_size if file.is_file() else -1
+    if actual != num_tokens:
+        raise ValueError(
+            f"{str(file)!r} has {actual} bytes, expected {num_tokens} (one per token); the "
+            "file is missing, truncated or corrupt: rebuild the store"
+        )
+    return np.memmap(file, dtype=np.uint8, mode="r", shape=(num_tokens,))
 
 
 __all__ = [

@@ -19,6 +19,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from longtrain.errors import DataError
+
 # Files of a Hugging Face tokenizer directory that define its behaviour. Hashed into `spec()`;
 # model weights that may sit in the same directory are deliberately left out.
 _HF_TOKENIZER_FILES = (
@@ -213,6 +215,24 @@ class HFTokenizer:
         if self._backend is not None:
             return self._backend.encode(text, add_special_tokens=False).ids
         return self._tok.encode(text, add_special_tokens=False)
+
+    def apply_chat_template(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool
+    ) -> list[int]:
+        """The token ids of `messages` rendered by the tokenizer's chat template (its own
+        special tokens included). Raises DataError when the tokenizer has none."""
+        if not getattr(self._tok, "chat_template", None):
+            raise DataError(
+                f"tokenizer {self.name} has no chat_template, which 'messages' records need; "
+                "use a tokenizer with one (tokenizer_config.json), or prompt/completion records"
+            )
+        ids = self._tok.apply_chat_template(
+            list(messages),
+            tokenize=True,
+            add_generation_prompt=add_generation_prompt,
+            return_dict=False,
+        )
+        return [int(i) for i in ids]
 
     def encode_chunks(self, chunks: Iterable[str], dtype: np.dtype) -> Iterator[np.ndarray]:
         """Encode a document given in pieces, as one text.

@@ -89,9 +89,20 @@ class Block(nn.Module):
         return x_TE + self.mlp(self.mlp_norm(x_TE))
 
 
+IGNORE_INDEX = -100  # a label that is not trained (longtrain.data.batch's)
+
+
 class TiledLossHead:
     """The output head both decoders share (ours and model=hf). Needs `output_weight()`,
-    `cfg.kernel_backend` and `loss_tile_tokens` (set by train.memory.loss_tile_tokens)."""
+    `cfg.kernel_backend` and `loss_tile_tokens` (set by train.memory.loss_tile_tokens).
+
+    Evaluation sets `record_token_losses` (from outside, as the memory stack sets
+    `loss_tile_tokens`): the forward then also leaves each token's cross-entropy in
+    `token_losses` (float32, float64 for float64 models, [T], 0 where not trained), computed
+    in tiles inside the forward, where a sharded output weight is gathered."""
+
+    record_token_losses = False
+    token_losses: torch.Tensor | None = None
 
     def loss_head(
         self,
@@ -102,6 +113,8 @@ class TiledLossHead:
         """hidden [T, E] when `labels_T` is None, else the weighted loss sum, in tiles."""
         if labels_T is None:
             return hidden_TE
+        if self.record_token_losses:
+            self.token_losses = self._token_losses(hidden_TE, labels_T)
         return linear_cross_entropy(
             hidden_TE,
             self.output_weight(),
@@ -110,6 +123,20 @@ class TiledLossHead:
             tile_tokens=self.loss_tile_tokens,
             backend=self.cfg.kernel_backend,
         )
+
+    @torch.no_grad()
+    def _token_losses(self, hidden_TE: torch.Tensor, labels_T: torch.Tensor) -> torch.Tensor:
+        weight_VE = self.output_weight()
+        compute = torch.float64 if torch.float64 in (hidden_TE.dtype, weight_VE.dtype) else None
+        compute = compute or torch.float32
+        out_T = torch.zeros(labels_T.shape, dtype=compute, device=hidden_TE.device)
+        for lo in range(0, hidden_TE.shape[0], self.loss_tile_tokens):
+            hi = lo + self.loss_tile_tokens
+            logits = hidden_TE[lo:hi].to(compute) @ weight_VE.to(compute).t()
+            out_T[lo:hi] = F.cross_entropy(
+                logits, labels_T[lo:hi], ignore_index=IGNORE_INDEX, reduction="none"
+            )
+        return out_T
 
     def logits(self, hidden_TE: torch.Tensor) -> torch.Tensor:
         """Materialised logits [T, V] (tests and inference only; training uses the tiled loss)."""

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from longtrain.config import DataConfig, RunConfig
 from longtrain.data.loader import PackedLoader
-from longtrain.data.setup import build_loader, resolve_token_store
+from longtrain.data.setup import build_loader, resolve_token_store, tokenizer_identity
 from longtrain.data.token_store import TokenStore
 from longtrain.distributed import DistEnv, broadcast_object
 from longtrain.errors import DataError, LongtrainError, one_line
@@ -37,6 +39,29 @@ def open_token_store(cfg: DataConfig, env: DistEnv) -> TokenStore:
     return store if store is not None else TokenStore.open(cfg.store_dir)
 
 
+def open_val_store(cfg: DataConfig, store: TokenStore, env: DistEnv) -> TokenStore:
+    """The store of `data.val_source` (built, reused or rebuilt at data.val_store_dir as the
+    training store is, by rank 0), with the training store's tokenizer; DataError if the
+    tokenizer differs."""
+    spec = store.tokenizer_spec
+    tokenizer = cfg.tokenizer or (spec["path"] if spec.get("kind") == "hf" else "byte")
+    val_cfg = replace(
+        cfg,
+        source=cfg.val_source,
+        store_dir=cfg.val_store_dir or f"{cfg.store_dir.rstrip('/')}-val",
+        tokenizer=tokenizer,
+        limit_docs=0,
+    )
+    val = open_token_store(val_cfg, env)
+    if tokenizer_identity(val.tokenizer_spec) != tokenizer_identity(spec):
+        raise DataError(
+            f"the validation store at {val_cfg.store_dir} has tokenizer "
+            f"{val.tokenizer_spec.get('name')}, the training store {spec.get('name')}: point "
+            "data.val_store_dir at a new directory"
+        )
+    return val
+
+
 def rank_loader(store: TokenStore, cfg: RunConfig, dims) -> PackedLoader:
     """The loader of this rank's data-parallel share (`dims`: ParallelDims, or None for one
     process without sequence parallelism)."""
@@ -44,4 +69,4 @@ def rank_loader(store: TokenStore, cfg: RunConfig, dims) -> PackedLoader:
     return build_loader(store, cfg, dp_rank, dp_size)
 
 
-__all__ = ["open_token_store", "rank_loader"]
+__all__ = ["open_token_store", "open_val_store", "rank_loader"]

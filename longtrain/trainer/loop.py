@@ -30,7 +30,8 @@ from longtrain.model import train_flops
 from longtrain.model.llama import set_rope_theta
 from longtrain.trainer.checkpoint import Checkpointer
 from longtrain.trainer.diagnostics import StepMonitor
-from longtrain.trainer.inputs import open_token_store, rank_loader
+from longtrain.trainer.evaluate import Evaluator
+from longtrain.trainer.inputs import open_token_store, open_val_store, rank_loader
 from longtrain.trainer.metrics import MetricsLogger, device_peak_tflops, peak_memory_bytes
 from longtrain.trainer.optimizer import build_optimizer, build_scheduler
 from longtrain.trainer.preemption import PreemptionHandler
@@ -55,6 +56,7 @@ class Session:
     ckpt: Checkpointer
     start_step: int
     preemption: PreemptionHandler  # installed by `start`, restored when `run` ends
+    evaluator: Evaluator | None = None  # train.eval_every: the held-out documents
 
 
 def _open_store(cfg: RunConfig, env: DistEnv):
@@ -127,6 +129,11 @@ def _start(cfg: RunConfig, run_dir: Path, env: DistEnv, preemption: PreemptionHa
         step_ctx.engine = build_deepspeed(model, optimizer, cfg, env.world_size)
         model = step_ctx.engine.engine  # the forward runs through DeepSpeed's hooks
     loader = rank_loader(store, cfg, dims)
+    evaluator = None
+    if cfg.train.eval_every:
+        dp_rank, dp_size = (0, 1) if dims is None else (dims.dp_rank, dims.dp)
+        val_store = open_val_store(cfg.data, store, env) if cfg.data.val_source else store
+        evaluator = Evaluator(val_store, cfg, dp_rank, dp_size, step_ctx)
 
     ckpt = Checkpointer(
         run_dir,
@@ -144,7 +151,7 @@ def _start(cfg: RunConfig, run_dir: Path, env: DistEnv, preemption: PreemptionHa
             print(f"resumed from {resume_from} at step {start_step}", flush=True)
     return Session(
         cfg, env, run_dir, model, optimizer, scheduler, step_ctx, loader, ckpt, start_step,
-        preemption,
+        preemption, evaluator,
     )  # fmt: skip
 
 
@@ -167,6 +174,10 @@ def _one_step(s: Session, step: int, batches, logger: MetricsLogger, monitor: St
     if record["skipped"] and not s.cfg.train.skip_nonfinite:
         return record  # `run` stops the run
     done = step + 1
+    # Before the checkpoint: a resume from an earlier one redoes this evaluation too.
+    if s.evaluator is not None and done % s.cfg.train.eval_every == 0:
+        monitor.mark("evaluate")
+        logger.log_eval(s.evaluator.evaluate(s.model, step))
     if _checkpoint_due(done, s.cfg):
         monitor.mark("checkpoint save")
         s.ckpt.save(done, s.model, s.optimizer, s.scheduler, s.loader)

@@ -11,7 +11,7 @@ import torch
 from tqdm import tqdm
 
 from longtrain.config import LoggingConfig
-from longtrain.trainer.plot import plot_metrics, supersede_after
+from longtrain.trainer.plot import plot_loss_by_position, plot_metrics, supersede_after
 
 # Dense bf16 peak TFLOP/s per device, for MFU when train.peak_tflops is not given.
 KNOWN_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}
@@ -89,6 +89,24 @@ class MetricsLogger:
                 step=record["step"],
             )
 
+    def log_eval(self, record: dict) -> None:
+        """Append an evaluation line (`longtrain.trainer.evaluate`) and send it to wandb."""
+        if not self.is_main:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.bar is not None:
+            self.bar.write(
+                f"step {record['step']}: eval_loss {record['eval_loss']:.4f} over "
+                f"{record['eval_tokens']} tokens"
+            )
+        if self.wandb_run is not None:
+            values = {"eval_loss": record["eval_loss"], "eval_tokens": record["eval_tokens"]}
+            for bucket, loss in record["loss_by_position"].items():
+                if loss is not None:
+                    values[f"loss_by_position/{bucket}"] = loss
+            self.wandb_run.log(values, step=record["step"])
+
     def close(self, draw_plot: bool = True) -> Path | None:
         """Close the file, finish wandb and draw the plot; returns the PNG path (rank 0).
         Safe to call twice (the second call does nothing)."""
@@ -101,6 +119,7 @@ class MetricsLogger:
         if self.wandb_run is not None:
             self.wandb_run.finish()
         if draw_plot and self.cfg.plot and self.path.stat().st_size > 0:
+            plot_loss_by_position(self.path, self.run_dir / "loss_by_position.png")
             return plot_metrics(self.path, self.png_path, title=self.run_dir.name)
         return None
 

@@ -65,11 +65,24 @@ def supersede_after(path: Path, start_step: int) -> list[dict]:
 
 
 def plot_metrics(metrics_path: Path, png_path: Path, title: str = "") -> Path:
-    """Write a two-panel PNG (loss; tokens/s) against optimizer step; returns its path."""
-    records = read_metrics(metrics_path)
+    """Write a two-panel PNG (train and eval loss; tokens/s) against optimizer step; returns
+    its path."""
+    everything = read_metrics(metrics_path)
+    records = [r for r in everything if "loss" in r]  # training lines
+    evals = [r for r in everything if "eval_loss" in r]
     steps = [r["step"] for r in records]
     fig, (ax_loss, ax_tps) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
-    ax_loss.plot(steps, [r["loss"] for r in records], color="tab:blue", lw=1.2)
+    ax_loss.plot(steps, [r["loss"] for r in records], color="tab:blue", lw=1.2, label="train")
+    if evals:
+        ax_loss.plot(
+            [r["step"] for r in evals],
+            [r["eval_loss"] for r in evals],
+            color="tab:orange",
+            marker="o",
+            lw=1.2,
+            label="eval (held out)",
+        )
+        ax_loss.legend()
     ax_loss.set_ylabel("loss (nats/token)")
     ax_loss.grid(alpha=0.3)
     ax_tps.plot(steps, [r["tokens_per_s"] for r in records], color="tab:green", lw=1.2)
@@ -78,6 +91,33 @@ def plot_metrics(metrics_path: Path, png_path: Path, title: str = "") -> Path:
     ax_tps.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return Path(png_path)
+
+
+def plot_loss_by_position(metrics_path: Path, png_path: Path) -> Path | None:
+    """Write the loss by position in the document, one curve per evaluation (later ones
+    darker), log-scaled positions; returns its path, or None without evaluations."""
+    evals = [r for r in read_metrics(metrics_path) if "loss_by_position" in r]
+    if not evals:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    cmap = plt.get_cmap("viridis")
+    for i, r in enumerate(evals):
+        points = [(int(k), v) for k, v in r["loss_by_position"].items() if v is not None]
+        if not points:
+            continue
+        xs, ys = zip(*sorted(points))
+        color = cmap(0.15 + 0.7 * i / max(1, len(evals) - 1))
+        ax.plot(xs, ys, marker="o", lw=1.2, color=color, label=f"step {r['step']}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("position in the document (bucket upper bound, tokens)")
+    ax.set_ylabel("held-out loss (nats/token)")
+    ax.grid(alpha=0.3)
+    if len(evals) <= 12:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
     plt.close(fig)

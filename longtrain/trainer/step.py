@@ -137,7 +137,11 @@ def train_step(
     counts = _global_counts(micro_batches, ctx)
     global_weight = counts[0].item()
     if global_weight <= 0:
-        raise RuntimeError("a step with no trained tokens: check seq_len and the data")
+        raise RuntimeError(
+            "a step with no trained tokens (with chat data's loss mask, every token of its "
+            "sequences may be context): raise train.global_batch or data.seq_len, or check "
+            "the data"
+        )
     loss_sum = _forward_backward(model, micro_batches, ctx, global_weight, mark)
     # The global loss first: a non-finite one must be known on every rank before any update.
     mark("loss all_reduce")

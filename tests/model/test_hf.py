@@ -33,6 +33,7 @@ from longtrain.convert.hf_export import (
 )
 from longtrain.data.batch import IGNORE_INDEX
 from longtrain.distributed.memory import apply_memory
+from longtrain.eval.passkey import main as passkey_main
 from longtrain.model import HFCausalLM, build_model
 from longtrain.model.hf import check_seq_len, hf_model_config
 from longtrain.train import load_config, train
@@ -300,6 +301,9 @@ def test_trains_and_exports_an_hf_run(tmp_path, hf_dirs, hf_corpus):
     again = reference_model(indexed)
     for (name, a), (_, b) in zip(trained.named_parameters(), again.named_parameters()):
         assert torch.equal(a, b), name
+    # Passkey retrieval reads a model=hf checkpoint the same way as ours.
+    passkey_main([str(run_dir), "--lengths", "256", "--depths", "0.5", "--trials", "1"])
+    assert json.loads((run_dir / "passkey.json").read_text())["accuracy"] in ([[0.0]], [[1.0]])
 
 
 # --------------------------------------------------------------------------------------------
