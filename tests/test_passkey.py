@@ -18,6 +18,7 @@ from longtrain.eval.passkey import (
     NEEDLE,
     QUESTION,
     build_prompt,
+    logits_scorer,
     main,
     run_passkey,
 )
@@ -47,7 +48,7 @@ def _peeking(shift: int):
 @pytest.mark.parametrize(("shift", "accuracy"), [(0, 1.0), (1, 0.0)])
 def test_a_model_that_always_answers_right_scores_one_and_one_that_never_does_zero(shift, accuracy):
     result = run_passkey(
-        _peeking(shift), TOK, [300, 600], [0, 0.5, 1], trials=3, filler_ids=_filler(600)
+        logits_scorer(_peeking(shift)), TOK, [300, 600], [0, 0.5, 1], 3, _filler(600)
     )
     assert result["accuracy"] == [[accuracy] * 3] * 2
     assert np.all(np.asarray(result["answer_loglik"]) < 0)
@@ -70,12 +71,38 @@ def test_a_length_too_short_for_the_prompt_is_one_line():
         build_prompt(TOK, 50, 0.5, "12345", _filler(50))
 
 
-def test_the_command_writes_json_and_heatmap_for_a_run(tmp_path, corpus, capsys):
+def _sp_passkey(rank: int, world: int, run: str) -> dict:
+    """Passkey of `run`'s checkpoint under Ulysses over `world` ranks (as under torchrun)."""
+    from longtrain.convert.hf_export import load_run_config, resolve_checkpoint
+    from longtrain.distributed import DistEnv
+    from longtrain.eval.passkey import load_parallel_model, parallel_scorer
+
+    run_dir, ckpt = resolve_checkpoint(run)
+    cfg = load_run_config(run_dir)
+    cfg.parallel.method, cfg.parallel.ulysses = "ulysses", world
+    env = DistEnv(rank, world, rank, torch.device("cpu"))
+    model, ctx, dp = load_parallel_model(ckpt, cfg, env, TOK.pad_id)
+    return run_passkey(parallel_scorer(model, ctx, dp), TOK, LENGTHS, [0, 1], 2, _filler(320))
+
+
+LENGTHS = [256, 320]
+
+
+@pytest.mark.distributed
+def test_the_command_writes_json_and_heatmap_and_sp_scores_alike(tmp_path, corpus, capsys):
+    from tests.spawn import spawn
+
     run = tmp_path / "run"
-    train(load_config([*SMALL, *data_overrides(corpus, tmp_path / "store"), "train.steps=2"]), run)
+    overrides = [*SMALL, *data_overrides(corpus, tmp_path / "store"), "model.dtype=float64"]
+    train(load_config([*overrides, "train.steps=2"]), run)
     main([str(run), "--lengths", "256,320", "--depths", "0,1", "--trials", "2"])
     result = json.loads((run / "passkey.json").read_text())
-    assert result["lengths"] == [256, 320] and result["depths"] == [0.0, 1.0]
+    assert result["lengths"] == LENGTHS and result["depths"] == [0.0, 1.0]
     assert np.asarray(result["accuracy"]).shape == (2, 2)
     assert (run / "passkey.png").is_file()
     assert "passkey.json" in capsys.readouterr().out
+    # The same prompts sharded over 2 Ulysses ranks, the checkpoint loaded into FSDP2 shards:
+    # the same answers; float64 log-likelihoods up to reassociation (1e-9, DESIGN.md).
+    for sp in spawn(_sp_passkey, 2, str(run), timeout=300):
+        assert sp["accuracy"] == result["accuracy"]
+        assert np.allclose(sp["answer_loglik"], result["answer_loglik"], rtol=1e-9, atol=0)

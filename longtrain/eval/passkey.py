@@ -16,14 +16,20 @@ answer's log-likelihood is kept too. Each (length, depth) cell is the accuracy o
 `--trials` random 5-digit keys (seeded by --seed).
 
 Writes `passkey.json` (lengths, depths, accuracy[length][depth], mean log-likelihood, the
-settings) and `passkey.png` (a heatmap) into the run directory, or `--out DIR`. One process,
-the model whole on one device (`--device`); a model=hf run works the same way.
+settings) and `passkey.png` (a heatmap) into the run directory, or `--out DIR`. In one
+process the model is whole on one device (`--device`). Under torchrun (lengths one device
+cannot hold) the model is built and sharded as for training (FSDP2, sequence parallelism
+from the run's config or `--parallel/--ulysses/--ring`), the checkpoint loaded into the
+shards, and each prompt sharded over the SP ranks as a training sequence is; the argmax
+and the answer's loss are read inside the forward (`TiledLossHead.record_token_losses`).
+A model=hf run works the same way.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -46,6 +52,8 @@ ANSWER = " {key}"
 # next_token_logits(tokens [T] int64, positions [K] int64) -> logits [K, V] of the token after
 # each position (the model sees all of `tokens`: teacher forcing).
 NextTokenLogits = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# scorer(prompt ids [T], index of the answer's first token) -> (right, answer log-likelihood)
+Scorer = Callable[[np.ndarray, int], tuple[bool, float]]
 
 
 def build_prompt(
@@ -83,6 +91,56 @@ def score(
     return right, loglik
 
 
+def logits_scorer(next_token_logits: NextTokenLogits) -> Scorer:
+    """The `Scorer` of a model given as `NextTokenLogits` (one process, or a stub)."""
+    return lambda ids, answer_at: score(next_token_logits, ids, answer_at)
+
+
+def parallel_scorer(model: torch.nn.Module, ctx, dp_size: int) -> Scorer:
+    """The `Scorer` of a parallelised model (collective: every rank scores every prompt).
+    The prompt is one packed sequence whose answer tokens are its only labels, sharded by
+    the run's layout; each rank reads its tokens' argmax and loss from the forward, and the
+    counts are summed over all ranks (each token on one rank per data-parallel replica)."""
+    from longtrain.data.batch import IGNORE_INDEX, PackedBatch
+    from longtrain.distributed import all_reduce_sum
+    from longtrain.trainer.step import forward_loss, shard_micro_batch
+
+    head = getattr(model, "module", model)
+
+    def scorer(ids: np.ndarray, answer_at: int) -> tuple[bool, float]:
+        n = len(ids)
+        tokens = torch.as_tensor(ids, dtype=torch.int64)
+        labels = torch.full((n,), IGNORE_INDEX, dtype=torch.int64)
+        labels[answer_at - 1 : n - 1] = tokens[answer_at:]
+        mb = PackedBatch(
+            tokens=tokens,
+            labels=labels,
+            position_ids=torch.arange(n),
+            cu_seqlens=torch.tensor([0, n], dtype=torch.int32),
+            loss_weights=(labels != IGNORE_INDEX).double(),
+            segment_is_padding=torch.tensor([False]),
+            num_sequences=1,
+            num_docs=1,
+            num_padding=0,
+        )
+        local = shard_micro_batch(mb, ctx)
+        head.record_token_losses = True
+        try:
+            with torch.no_grad():
+                forward_loss(model, local, ctx)
+            trained = local.labels != IGNORE_INDEX
+            wrong = (head.token_argmax[trained] != local.labels[trained]).sum()
+            loss = head.token_losses[trained].sum()
+        finally:
+            head.record_token_losses = False
+            head.token_losses = head.token_argmax = None
+        sums = torch.stack([wrong.double(), loss.double()]).to(ctx.device)
+        all_reduce_sum(sums, ctx.world_group)
+        return bool(sums[0].item() == 0), -float(sums[1].item()) / dp_size
+
+    return scorer
+
+
 def model_next_token_logits(model: torch.nn.Module, device: torch.device) -> NextTokenLogits:
     """`NextTokenLogits` of a longtrain model (ours or model=hf), one segment, no labels."""
     from kernels.attention import VarlenMeta
@@ -99,7 +157,7 @@ def model_next_token_logits(model: torch.nn.Module, device: torch.device) -> Nex
 
 
 def run_passkey(
-    next_token_logits: NextTokenLogits,
+    scorer: Scorer,
     tok,
     lengths: list[int],
     depths: list[float],
@@ -108,7 +166,7 @@ def run_passkey(
     seed: int = 0,
 ) -> dict:
     """The passkey table: accuracy[i][j] over `trials` keys at lengths[i], depths[j], and the
-    mean answer log-likelihood alike."""
+    mean answer log-likelihood alike (`scorer`: `logits_scorer` or `parallel_scorer`)."""
     rng = np.random.default_rng(seed)
     accuracy, loglik = [], []
     for length in lengths:
@@ -118,7 +176,7 @@ def run_passkey(
             for _ in range(trials):
                 key = str(int(rng.integers(10_000, 100_000)))
                 ids, answer_at = build_prompt(tok, length, depth, key, filler_ids)
-                results.append(score(next_token_logits, ids, answer_at))
+                results.append(scorer(ids, answer_at))
             acc_row.append(sum(r for r, _ in results) / trials)
             ll_row.append(sum(ll for _, ll in results) / trials)
         accuracy.append(acc_row)
@@ -194,6 +252,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seeds the keys")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None, help="directory for passkey.json/png")
+    parser.add_argument(
+        "--parallel", choices=("none", "ulysses", "ring", "usp"), default=None,
+        help="under torchrun: the SP method (default: the run's)",
+    )  # fmt: skip
+    parser.add_argument("--ulysses", type=int, default=None, help="under torchrun: degree")
+    parser.add_argument("--ring", type=int, default=None, help="under torchrun: degree")
     args = parser.parse_args(argv)
     lengths = [int(x) for x in _floats(args.lengths)]
     depths = _floats(args.depths)
@@ -202,31 +266,105 @@ def main(argv: list[str] | None = None) -> None:
     if args.trials < 1:
         parser.error(f"--trials must be >= 1, got {args.trials}")
 
-    def run() -> Path:
-        from longtrain.convert.hf_export import load_checkpoint_model, resolve_checkpoint
+    def run() -> Path | None:
+        from longtrain.convert.hf_export import (
+            load_checkpoint_model,
+            load_run_config,
+            resolve_checkpoint,
+        )
 
         run_dir, ckpt = resolve_checkpoint(args.checkpoint)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            cfg = load_run_config(run_dir)
+            _apply_parallel_args(cfg, args)
+            return _run_parallel(args, cfg, run_dir, ckpt, lengths, depths)
         model, cfg = load_checkpoint_model(ckpt)
         device = torch.device(args.device)
         model = model.to(device).eval()
         tok = _tokenizer(cfg)
         filler = _filler(args.filler, tok, cfg, max(lengths))
         result = run_passkey(
-            model_next_token_logits(model, device), tok, lengths, depths, args.trials, filler,
-            args.seed,
+            logits_scorer(model_next_token_logits(model, device)), tok, lengths, depths,
+            args.trials, filler, args.seed,
         )  # fmt: skip
-        result.update({"checkpoint": str(ckpt), "filler": args.filler, "seed": args.seed})
-        out = Path(args.out) if args.out else run_dir
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "passkey.json").write_text(json.dumps(result, indent=2) + "\n")
-        plot_passkey(result, out / "passkey.png", title=f"passkey: {ckpt.name}")
-        return out
+        return _write(result, args, run_dir, ckpt)
 
     out = report_errors("longtrain.eval.passkey", run)
-    print(f"passkey: {out / 'passkey.json'}, {out / 'passkey.png'}")
+    if out is not None:  # rank 0 (or the one process) wrote them
+        print(f"passkey: {out / 'passkey.json'}, {out / 'passkey.png'}")
+
+
+def _write(result: dict, args, run_dir: Path, ckpt: Path) -> Path:
+    result.update({"checkpoint": str(ckpt), "filler": args.filler, "seed": args.seed})
+    out = Path(args.out) if args.out else run_dir
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "passkey.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot_passkey(result, out / "passkey.png", title=f"passkey: {ckpt.name}")
+    return out
+
+
+def _apply_parallel_args(cfg, args) -> None:
+    """--parallel/--ulysses/--ring over the run's own parallel config."""
+    if args.parallel is not None:
+        cfg.parallel.method = args.parallel
+    if args.ulysses is not None:
+        cfg.parallel.ulysses = args.ulysses
+    if args.ring is not None:
+        cfg.parallel.ring = args.ring
+
+
+def _run_parallel(args, cfg, run_dir: Path, ckpt: Path, lengths, depths) -> Path | None:
+    """Passkey under torchrun: see the module doc. Rank 0 writes the files."""
+    from longtrain.distributed import init_distributed, shutdown
+
+    env = init_distributed(cfg.train.dist_timeout_s)
+    try:
+        tok = _tokenizer(cfg)
+        model, ctx, dp_size = load_parallel_model(ckpt, cfg, env, tok.pad_id)
+        filler = _filler(args.filler, tok, cfg, max(lengths))
+        scorer = parallel_scorer(model, ctx, dp_size)
+        result = run_passkey(scorer, tok, lengths, depths, args.trials, filler, args.seed)
+        return _write(result, args, run_dir, ckpt) if env.is_main else None
+    finally:
+        shutdown(env)
+
+
+def load_parallel_model(ckpt: Path, cfg, env, pad_id: int):
+    """(model, StepContext, dp degree): the run's model built and sharded for this process
+    group as `cfg.parallel` says (FSDP2), with the weights of checkpoint `ckpt`."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    from longtrain.config.rules import validate_run_config
+    from longtrain.distributed.meta_start import build_parallel_model
+    from longtrain.distributed.parallelize import build_parallel_dims
+
+    if cfg.train.engine == "deepspeed":
+        raise DataError(
+            f"{ckpt} is a DeepSpeed checkpoint: run the passkey test in one process (without "
+            "torchrun), which reads it whole"
+        )
+    cfg.train.engine = "fsdp2" if env.world_size > 1 else "none"
+    validate_run_config(cfg, env.world_size)
+    dims = build_parallel_dims(cfg, env)
+    model, ctx = build_parallel_model(cfg, env, dims, pad_id=pad_id)
+    state = get_model_state_dict(model)
+    dcp.load({"model": state}, checkpoint_id=str(ckpt))
+    set_model_state_dict(model, state)
+    model.eval()
+    return model, ctx, 1 if dims is None else dims.dp
 
 
 if __name__ == "__main__":
     main()
 
-__all__ = ["build_prompt", "model_next_token_logits", "plot_passkey", "run_passkey", "score"]
+__all__ = [
+    "build_prompt",
+    "load_parallel_model",
+    "logits_scorer",
+    "model_next_token_logits",
+    "parallel_scorer",
+    "plot_passkey",
+    "run_passkey",
+    "score",
+]

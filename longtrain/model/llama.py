@@ -98,11 +98,13 @@ class TiledLossHead:
 
     Evaluation sets `record_token_losses` (from outside, as the memory stack sets
     `loss_tile_tokens`): the forward then also leaves each token's cross-entropy in
-    `token_losses` (float32, float64 for float64 models, [T], 0 where not trained), computed
-    in tiles inside the forward, where a sharded output weight is gathered."""
+    `token_losses` (float32, float64 for float64 models, [T], 0 where not trained) and its
+    most likely next token in `token_argmax` (int64 [T]), computed in tiles inside the
+    forward, where a sharded output weight is gathered."""
 
     record_token_losses = False
     token_losses: torch.Tensor | None = None
+    token_argmax: torch.Tensor | None = None
 
     def loss_head(
         self,
@@ -114,7 +116,7 @@ class TiledLossHead:
         if labels_T is None:
             return hidden_TE
         if self.record_token_losses:
-            self.token_losses = self._token_losses(hidden_TE, labels_T)
+            self.token_losses, self.token_argmax = self._token_losses(hidden_TE, labels_T)
         return linear_cross_entropy(
             hidden_TE,
             self.output_weight(),
@@ -125,18 +127,23 @@ class TiledLossHead:
         )
 
     @torch.no_grad()
-    def _token_losses(self, hidden_TE: torch.Tensor, labels_T: torch.Tensor) -> torch.Tensor:
+    def _token_losses(
+        self, hidden_TE: torch.Tensor, labels_T: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cross-entropy [T], argmax [T]) of every token, one tile of logits at a time."""
         weight_VE = self.output_weight()
         compute = torch.float64 if torch.float64 in (hidden_TE.dtype, weight_VE.dtype) else None
         compute = compute or torch.float32
-        out_T = torch.zeros(labels_T.shape, dtype=compute, device=hidden_TE.device)
+        ce_T = torch.zeros(labels_T.shape, dtype=compute, device=hidden_TE.device)
+        argmax_T = torch.zeros(labels_T.shape, dtype=torch.int64, device=hidden_TE.device)
         for lo in range(0, hidden_TE.shape[0], self.loss_tile_tokens):
             hi = lo + self.loss_tile_tokens
             logits = hidden_TE[lo:hi].to(compute) @ weight_VE.to(compute).t()
-            out_T[lo:hi] = F.cross_entropy(
+            ce_T[lo:hi] = F.cross_entropy(
                 logits, labels_T[lo:hi], ignore_index=IGNORE_INDEX, reduction="none"
             )
-        return out_T
+            argmax_T[lo:hi] = logits.argmax(dim=-1)
+        return ce_T, argmax_T
 
     def logits(self, hidden_TE: torch.Tensor) -> torch.Tensor:
         """Materialised logits [T, V] (tests and inference only; training uses the tiled loss)."""

@@ -102,7 +102,7 @@ class Evaluator:
                 sums[2 + nb :].index_add_(0, bucket_T[trained_T], ones)
         finally:
             head.record_token_losses = False
-            head.token_losses = None
+            head.token_losses = head.token_argmax = None
             model.train(was_training)
         all_reduce_sum(sums, self.ctx.world_group)
         total, count = sums[0].item(), int(sums[1].item())
