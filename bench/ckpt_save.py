@@ -15,11 +15,12 @@ the next save.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
+
+from bench import write_results
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ckpt_save.json"
 
@@ -99,9 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
         "summary": summary,
         "async_over_sync_save_cost": ratio,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    write_results(RESULTS, result)
     return result
 
 

@@ -22,13 +22,13 @@ saved block inputs into "host" memory, which on a CPU is the same memory (no sav
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from bench import write_results
 from longtrain.config import ModelConfig, ParallelConfig, RunConfig
 
 RESULTS = Path(__file__).resolve().parent / "results" / "memory.json"
@@ -248,7 +248,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     seq_len = args.seq_len or (1024 if args.quick else 4096)
     rows = [run_case(case, seq_len, repeats=3 if case[1] > 1 else 1) for case in CASES]
     print(format_table(rows))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
     meta = {"model": run_config(1, "none", "none", {}, seq_len).model.__dict__, "rows": rows}
     bf16 = {r["case"]: r for r in rows if r["dtype"] == "bfloat16"}
     for r in rows:
@@ -256,8 +255,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if r["dtype"] == "float32" and twin:
             ratio = twin["measured_step_bytes"] / r["measured_step_bytes"]
             print(f"{r['case']}: bf16 / float32 step memory (measured) = {ratio:.3f}")
-    RESULTS.write_text(json.dumps(meta, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    write_results(RESULTS, meta)
     return rows
 
 

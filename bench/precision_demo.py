@@ -21,6 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench import write_results
+
 RESULTS = Path(__file__).resolve().parent / "results" / "precision_demo.json"
 REPO = Path(__file__).resolve().parents[1]
 TAIL = 20  # steps averaged at the end of the curve
@@ -93,9 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"runs": {"float32": str(fp32_dir), "bfloat16": str(bf16_dir)}}
     result.update(compare(losses(fp32_dir), losses(bf16_dir)))
     print(format_table({k: v for k, v in result.items() if k != "runs"}))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    write_results(RESULTS, result)
     return result
 
 

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 from pathlib import Path
 
 import torch
+
+from bench import write_results
 
 RESULTS = Path(__file__).resolve().parent / "results" / "startup_memory.json"
 GIB = 1 << 30
@@ -114,9 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"meta / build-then-shard, per rank: RSS {result['rss_ratio_meta_over_build']:.2f}, "
         f"peak {result['peak_ratio_meta_over_build']:.2f}"
     )
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    write_results(RESULTS, result)
     return result
 
 

@@ -213,10 +213,10 @@ def _glob_files(path: Path, pattern: str) -> list[Path]:
 
 
 def _jsonl_objects(
-    files: tuple[Path, ...], root: Path, limit: int | None, counts
+    files: tuple[Path, ...], root: Path, limit: int | None, parse
 ) -> Iterator[tuple[str, str, Any]]:
-    """(name "file:line", where "'path' line N", parsed JSON) of every non-blank line, in
-    order; `counts(obj, where)` says whether a line is a document (for `limit`)."""
+    """(name "file:line", where "'path' line N", parse(JSON value, where)) of every non-blank
+    line, in order; a line that `parse` makes None is skipped and not counted (for `limit`)."""
     n = 0
     for file in files:
         # Bytes, decoded line by line, so that a line that is not UTF-8 is named.
@@ -238,9 +238,10 @@ def _jsonl_objects(
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DataError(f"{where} is not valid JSON: {e}") from e
-                if counts(obj, where):
+                parsed = parse(obj, where)
+                if parsed is not None:
                     n += 1
-                    yield f"{_rel(file, root)}:{lineno}", where, obj
+                    yield f"{_rel(file, root)}:{lineno}", where, parsed
     if n == 0:
         raise ValueError(f"no documents found in JSONL {[str(f) for f in files]}")
 
@@ -248,7 +249,7 @@ def _jsonl_objects(
 def _jsonl_lines(
     files: tuple[Path, ...], root: Path, field: str, limit: int | None
 ) -> Iterator[tuple[str, str]]:
-    def is_text(obj: Any, where: str) -> bool:
+    def text_of(obj: Any, where: str) -> str | None:
         if not isinstance(obj, dict) or field not in obj:
             raise ValueError(
                 f"{where} has no field {field!r}; pass the name of the text field "
@@ -258,10 +259,10 @@ def _jsonl_lines(
             raise ValueError(
                 f"{where}: field {field!r} is {type(obj[field]).__name__}, expected a string"
             )
-        return bool(obj[field])
+        return obj[field] or None
 
-    for name, _, obj in _jsonl_objects(files, root, limit, is_text):
-        yield name, obj[field]
+    for name, _, text in _jsonl_objects(files, root, limit, text_of):
+        yield name, text
 
 
 @dataclass(frozen=True)
@@ -288,16 +289,11 @@ class Source:
 
         if self.kind != "jsonl":
             raise ValueError(f"records() reads JSONL sources, not {self.kind!r}")
-        parsed: dict[str, Any] = {}
 
-        def counts(obj: Any, where: str) -> bool:
-            record = parse_record(obj, where, self.field)
-            if record is not None:
-                parsed[where] = record
-            return record is not None
+        def parse(obj: Any, where: str):
+            return parse_record(obj, where, self.field)
 
-        for name, where, _ in _jsonl_objects(self.files, self.root, _check_limit(limit), counts):
-            yield name, where, parsed.pop(where)
+        return _jsonl_objects(self.files, self.root, _check_limit(limit), parse)
 
     def document_chunks(self, limit: int | None = None) -> Iterator[tuple[str, Iterator[str]]]:
         """(name, pieces) documents: each text as consecutive non-empty str pieces.

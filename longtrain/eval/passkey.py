@@ -21,7 +21,7 @@ process the model is whole on one device (`--device`). Under torchrun (lengths o
 cannot hold) the model is built and sharded as for training (FSDP2, sequence parallelism
 from the run's config or `--parallel/--ulysses/--ring`), the checkpoint loaded into the
 shards, and each prompt sharded over the SP ranks as a training sequence is; the argmax
-and the answer's loss are read inside the forward (`TiledLossHead.record_token_losses`).
+and the answer's loss are read inside the forward (`longtrain.trainer.step.forward_token_losses`).
 A model=hf run works the same way.
 """
 
@@ -103,9 +103,7 @@ def parallel_scorer(model: torch.nn.Module, ctx, dp_size: int) -> Scorer:
     counts are summed over all ranks (each token on one rank per data-parallel replica)."""
     from longtrain.data.batch import IGNORE_INDEX, PackedBatch
     from longtrain.distributed import all_reduce_sum
-    from longtrain.trainer.step import forward_loss, shard_micro_batch
-
-    head = getattr(model, "module", model)
+    from longtrain.trainer.step import forward_token_losses, shard_micro_batch
 
     def scorer(ids: np.ndarray, answer_at: int) -> tuple[bool, float]:
         n = len(ids)
@@ -124,16 +122,10 @@ def parallel_scorer(model: torch.nn.Module, ctx, dp_size: int) -> Scorer:
             num_padding=0,
         )
         local = shard_micro_batch(mb, ctx)
-        head.record_token_losses = True
-        try:
-            with torch.no_grad():
-                forward_loss(model, local, ctx)
-            trained = local.labels != IGNORE_INDEX
-            wrong = (head.token_argmax[trained] != local.labels[trained]).sum()
-            loss = head.token_losses[trained].sum()
-        finally:
-            head.record_token_losses = False
-            head.token_losses = head.token_argmax = None
+        ce_T, argmax_T = forward_token_losses(model, local, ctx)
+        trained = local.labels != IGNORE_INDEX
+        wrong = (argmax_T[trained] != local.labels[trained]).sum()
+        loss = ce_T[trained].sum()
         sums = torch.stack([wrong.double(), loss.double()]).to(ctx.device)
         all_reduce_sum(sums, ctx.world_group)
         return bool(sums[0].item() == 0), -float(sums[1].item()) / dp_size

@@ -27,7 +27,7 @@ from longtrain.data.token_store import TokenStore
 from longtrain.data.validation import eval_packing, split_documents
 from longtrain.distributed import all_reduce_sum
 from longtrain.errors import DataError
-from longtrain.trainer.step import StepContext, forward_loss, shard_micro_batch
+from longtrain.trainer.step import StepContext, forward_token_losses, shard_micro_batch
 
 
 def position_buckets(seq_len: int) -> list[int]:
@@ -70,10 +70,8 @@ class Evaluator:
         nb = len(self.buckets)
         device = self.ctx.device
         sums = torch.zeros(2 + 2 * nb, dtype=torch.float64, device=device)
-        head = getattr(model, "module", model)  # DeepSpeed's engine wraps the model
         was_training = model.training
         model.eval()
-        head.record_token_losses = True
         try:
             for i in range(0, len(self.seq_ids), self.micro):
                 mb = build_batch(
@@ -86,9 +84,7 @@ class Evaluator:
                     self.store.loss_mask,
                 )
                 local = shard_micro_batch(mb, self.ctx)
-                with torch.no_grad():
-                    forward_loss(model, local, self.ctx)
-                ce_T = head.token_losses.to(torch.float64)
+                ce_T = forward_token_losses(model, local, self.ctx)[0].to(torch.float64)
                 trained_T = local.labels != IGNORE_INDEX
                 pos_T = local.position_ids
                 # bucket b: positions [2^(b-1), 2^b), b = bit length of the position
@@ -101,8 +97,6 @@ class Evaluator:
                 ones = torch.ones(int(trained_T.sum()), dtype=torch.float64, device=device)
                 sums[2 + nb :].index_add_(0, bucket_T[trained_T], ones)
         finally:
-            head.record_token_losses = False
-            head.token_losses = head.token_argmax = None
             model.train(was_training)
         all_reduce_sum(sums, self.ctx.world_group)
         total, count = sums[0].item(), int(sums[1].item())

@@ -65,6 +65,24 @@ def shard_micro_batch(mb: PackedBatch, ctx: StepContext) -> LocalBatch:
     )
 
 
+@torch.no_grad()
+def forward_token_losses(
+    model: nn.Module, local: LocalBatch, ctx: StepContext
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cross-entropy [T_local], most likely next token [T_local]) of every token of this
+    rank's part of a micro-batch, without gradients: `forward_loss` with the loss head told
+    to record them (`TiledLossHead.record_token_losses`, read inside the forward where a
+    sharded output weight is gathered). Evaluation and the passkey test use it."""
+    head = getattr(model, "module", model)  # DeepSpeed's engine wraps the model
+    head.record_token_losses = True
+    try:
+        forward_loss(model, local, ctx)
+        return head.token_losses, head.token_argmax
+    finally:
+        head.record_token_losses = False
+        head.token_losses = head.token_argmax = None
+
+
 def _no_mark(op: str) -> None:
     """The default progress mark: records nothing."""
 
