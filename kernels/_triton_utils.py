@@ -65,9 +65,18 @@ def check_dtype(name: str, dtype: torch.dtype, allowed: Sequence[torch.dtype] = 
         )
 
 
+# `dot_precision`'s answer for bfloat16 under the interpreter (see `kernels.triton_dot.mma`).
+UPCAST_BF16_DOT = "upcast_bf16"
+
+
 def dot_precision(dtype: torch.dtype) -> str:
-    """`tl.dot` input precision: exact ("ieee") for float32 inputs, so that float32 really
-    means float32 (the default would be TF32 on GPUs); irrelevant for 16-bit inputs."""
+    """`tl.dot` input precision for inputs of `dtype`, the `PRECISION` of `triton_dot.mma`.
+
+    Exact ("ieee") for float32, so that float32 really means float32 (the default would be
+    TF32 on GPUs); "tf32" (irrelevant) for 16-bit inputs; UPCAST_BF16_DOT for bfloat16 under
+    the interpreter, whose bfloat16 `tl.dot` is wrong (kernels.triton_dot says how)."""
+    if dtype == torch.bfloat16 and is_interpreting():
+        return UPCAST_BF16_DOT
     return "ieee" if dtype == torch.float32 else "tf32"
 
 

@@ -105,6 +105,7 @@ def test_cli_run_writes_the_contract_outputs(tmp_path, corpus):
     assert (run_dir / "metrics.png").stat().st_size > 1000
     assert (run_dir / "checkpoints" / "step_00000003" / ".metadata").is_file()
     assert "metrics:" in proc.stdout and "plot:" in proc.stdout
+    assert "attention: torch (auto on cpu)" in proc.stdout.splitlines()[:5]  # said at the start
 
 
 def test_resume_continues_exactly(tmp_path, corpus):

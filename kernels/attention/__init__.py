@@ -4,8 +4,8 @@ Legend (kernels/__init__.py): T tokens (Tq queries, Tk keys where they differ), 
 Hq query heads, K key/value heads (Hq % K == 0), D head dim.
 
 Chain (FLA style), one for every backend:
-    backend fwd / bwd (`torch_blockwise`, `triton_attn`, `flash_attn_backend`; chosen and
-    imported in `dispatch`)
+    backend fwd / bwd (`torch_blockwise`, `triton_attn`, `flash_attn_backend`,
+    `torch_varlen_backend`; chosen and imported in `dispatch`)
     -> autograd (`autograd`: an autograd.Function in eager mode, the custom ops
        `longtrain::attn_varlen_fwd` / `_bwd` under torch.compile)
     -> `attn_varlen` (checks, softmax-scale default) -> `VarlenAttention` (the model's module).
@@ -24,7 +24,12 @@ from kernels.attention.args import (
     default_softmax_scale,
 )
 from kernels.attention.autograd import attn_backward, attn_forward, attn_with_grad
-from kernels.attention.dispatch import BACKENDS, check_backend_name, resolve_backend
+from kernels.attention.dispatch import (
+    BACKENDS,
+    check_backend_name,
+    describe_backend_choice,
+    resolve_backend,
+)
 from kernels.attention.merge import merge_attn_partials
 from kernels.attention.naive import attn_naive
 
@@ -36,6 +41,7 @@ __all__ = [
     "attn_varlen",
     "attn_varlen_bwd",
     "attn_varlen_fwd",
+    "describe_backend_choice",
     "merge_attn_partials",
     "resolve_backend",
 ]

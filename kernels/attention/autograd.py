@@ -31,14 +31,14 @@ __all__ = ["attn_backward", "attn_forward", "attn_with_grad"]
 
 
 def _fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, be):
-    fwd, _ = backend_fns(resolve_backend(be, q.device))
+    fwd, _ = backend_fns(resolve_backend(be, q.device, q.dtype))
     return fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
 
 
 def _bwd_impl(dout, dlse, q, k, v, out, lse, *meta_and_backend):
     """(dq, dk, dv) for upstream gradients dout [Tq, Hq, D] and dlse [Hq, Tq] (None: zero)."""
     *meta, be = meta_and_backend
-    _, bwd = backend_fns(resolve_backend(be, q.device))
+    _, bwd = backend_fns(resolve_backend(be, q.device, q.dtype))
     dout = torch.zeros_like(out) if dout is None else dout
     if dlse is not None and _takes_dlse(bwd):  # the backend handles an lse gradient itself
         return bwd(dout, q, k, v, out, lse, *meta, dlse_HT=dlse)

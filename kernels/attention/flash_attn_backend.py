@@ -10,27 +10,25 @@ from the forward's (out, lse): the public function would have to recompute the f
 Their keyword names changed in flash-attn 2.7 (window_size -> window_size_left/right);
 arguments are passed by name, filtered to what the installed version accepts.
 
-Conversions to our contract:
-- lse: flash-attn >= 2.4 returns the varlen lse as [Hq, Tq] float32, our layout already.
-- A query that sees no key (Lq > Lk under causal, or Lk = 0): flash-attn writes lse +inf
-  (its marker that makes p = exp(s - lse) vanish in the backward) and out 0; we return lse
-  -inf and out 0, and hand +inf back to its backward.
-- D not a multiple of 8: flash-attn needs it, so q, k, v (and dout, out) are zero-padded to
-  the next multiple of 8, which changes no score, and the results are sliced back.
+flash-attn >= 2.4 returns the varlen lse as [Hq, Tq] float32, our layout already. The
+other conversions to our contract (lse +inf of rows that see no key, head dims padded to a
+multiple of 8) are `flash_conventions`, shared with torch's copy of these kernels.
 """
 
 import inspect
-import math
 
 import torch
-import torch.nn.functional as F
 
 from kernels.attention.args import check_attn_args, default_softmax_scale
+from kernels.attention.flash_conventions import (
+    FLASH_DTYPES,
+    MAX_HEAD_DIM,
+    lse_for_kernel,
+    pad_head_dim,
+    results_to_contract,
+)
 
 __all__ = ["flash_attn_bwd", "flash_attn_fwd"]
-
-_DTYPES = (torch.float16, torch.bfloat16)
-_MAX_HEAD_DIM = 256
 
 
 def _interface():
@@ -63,12 +61,6 @@ def _check_cuda(name: str, *tensors: torch.Tensor) -> None:
         raise ValueError(f"{name}: flash-attn needs CUDA tensors, got {tensors[0].device}")
 
 
-def _pad(x: torch.Tensor, head_dim: int) -> torch.Tensor:
-    padded = -(-head_dim // 8) * 8
-    x = x if padded == head_dim else F.pad(x, (0, padded - head_dim))
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def flash_attn_fwd(
     q_THD: torch.Tensor,
     k_TKD: torch.Tensor,
@@ -88,15 +80,15 @@ def flash_attn_fwd(
     key has out 0 and lse -inf).
     """
     check_attn_args(
-        "flash_attn_fwd", q_THD, k_TKD, v_TKD, cu_seqlens_q, cu_seqlens_k, dtypes=_DTYPES,
-        max_head_dim=_MAX_HEAD_DIM,
+        "flash_attn_fwd", q_THD, k_TKD, v_TKD, cu_seqlens_q, cu_seqlens_k, dtypes=FLASH_DTYPES,
+        max_head_dim=MAX_HEAD_DIM,
     )  # fmt: skip
     _check_cuda("flash_attn_fwd", q_THD, k_TKD, v_TKD)
     fa = _interface()
     D = q_THD.shape[-1]
     res = _call(
         fa._flash_attn_varlen_forward,
-        _pad(q_THD, D), _pad(k_TKD, D), _pad(v_TKD, D),
+        pad_head_dim(q_THD, D), pad_head_dim(k_TKD, D), pad_head_dim(v_TKD, D),
         cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32),
         int(max_seqlen_q), int(max_seqlen_k),
         dropout_p=0.0, softmax_scale=default_softmax_scale(D, softmax_scale), causal=bool(causal),
@@ -109,10 +101,7 @@ def flash_attn_fwd(
             f"flash_attn_fwd: expected the varlen lse as [Hq, Tq] (flash-attn >= 2.4), got "
             f"{tuple(lse_HT.shape)}"
         )
-    unseen_HT = ~torch.isfinite(lse_HT)  # +inf: the row saw no key
-    lse_HT = lse_HT.masked_fill(unseen_HT, -math.inf)
-    out_THD = out_pad[..., :D].masked_fill(unseen_HT.t()[..., None], 0)
-    return out_THD, lse_HT
+    return results_to_contract(out_pad, lse_HT, D)
 
 
 def flash_attn_bwd(
@@ -135,15 +124,15 @@ def flash_attn_bwd(
     a row that saw no key). Returns (dq [Tq, Hq, D], dk [Tk, K, D], dv [Tk, K, D]).
     """
     check_attn_args(
-        "flash_attn_bwd", q_THD, k_TKD, v_TKD, cu_seqlens_q, cu_seqlens_k, dtypes=_DTYPES,
-        max_head_dim=_MAX_HEAD_DIM, dout_THD=dout_THD, out_THD=out_THD, lse_HT=lse_HT,
+        "flash_attn_bwd", q_THD, k_TKD, v_TKD, cu_seqlens_q, cu_seqlens_k, dtypes=FLASH_DTYPES,
+        max_head_dim=MAX_HEAD_DIM, dout_THD=dout_THD, out_THD=out_THD, lse_HT=lse_HT,
     )  # fmt: skip
     _check_cuda("flash_attn_bwd", q_THD, k_TKD, v_TKD)
     fa = _interface()
     D = q_THD.shape[-1]
-    q, k, v = (_pad(x, D) for x in (q_THD, k_TKD, v_TKD))
-    dout, out = _pad(dout_THD.to(q_THD.dtype), D), _pad(out_THD, D)
-    lse_fa = lse_HT.float().masked_fill(lse_HT == -math.inf, math.inf).contiguous()
+    q, k, v = (pad_head_dim(x, D) for x in (q_THD, k_TKD, v_TKD))
+    dout, out = pad_head_dim(dout_THD.to(q_THD.dtype), D), pad_head_dim(out_THD, D)
+    lse_fa = lse_for_kernel(lse_HT)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     _call(
         fa._flash_attn_varlen_backward,

@@ -16,6 +16,7 @@ import triton.language as tl
 
 from kernels._triton_utils import autotune_unless_interpreting
 from kernels.attention.triton_attn_fwd_kernels import autotune_configs
+from kernels.triton_dot import mma
 
 
 @triton.jit
@@ -101,14 +102,14 @@ def _dq_inner(
             mask=kv_mask,
             other=0.0,
         )
-        s = tl.dot(q, kT, input_precision=PRECISION) * softmax_scale
+        s = mma(q, kT, PRECISION) * softmax_scale
         valid = m_mask[:, None] & n_mask[None, :]
         if CAUSAL_MASK:
             valid = valid & (offs_n[None, :] <= offs_m[:, None] + shift)
         p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, vT, input_precision=PRECISION)
+        dp = mma(do, vT, PRECISION)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PRECISION)
+        dq += mma(ds.to(kT.dtype), tl.trans(kT), PRECISION)
     return dq
 
 
@@ -231,15 +232,15 @@ def _dkdv_inner(
         q = tl.load(q_base + rows * stride_qt + offs_d[None, :], mask=md_mask, other=0.0)
         do = tl.load(do_base + rows * stride_dot + offs_d[None, :], mask=md_mask, other=0.0)
         lse, delta = _load_row_stats(lse_row_ptr, delta_row_ptr, offs_m, m_mask)
-        sT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * softmax_scale
+        sT = mma(k, tl.trans(q), PRECISION) * softmax_scale
         valid = m_mask[None, :]
         if CAUSAL_MASK:
             valid = valid & (offs_n[:, None] <= offs_m[None, :] + shift)
         pT = tl.where(valid, tl.exp(sT - lse[None, :]), 0.0)
-        dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)
-        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        dv += mma(pT.to(do.dtype), do, PRECISION)
+        dpT = mma(v, tl.trans(do), PRECISION)
         dsT = pT * (dpT - delta[None, :])
-        dk += tl.dot(dsT.to(q.dtype), q, input_precision=PRECISION)
+        dk += mma(dsT.to(q.dtype), q, PRECISION)
     return dk, dv
 
 

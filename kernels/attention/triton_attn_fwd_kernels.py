@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from kernels._triton_utils import autotune_unless_interpreting
+from kernels.triton_dot import mma
 
 
 def autotune_configs(block_m: list[int], block_n: list[int]) -> list[triton.Config]:
@@ -72,7 +73,7 @@ def _fwd_inner(
             mask=kv_mask,
             other=0.0,
         )
-        s = tl.dot(q, kT, input_precision=PRECISION) * softmax_scale
+        s = mma(q, kT, PRECISION) * softmax_scale
         valid = n_mask[None, :]
         if CAUSAL_MASK:
             valid = valid & (offs_n[None, :] <= offs_m[:, None] + shift)
@@ -88,7 +89,7 @@ def _fwd_inner(
             mask=n_mask[:, None] & d_mask[None, :],
             other=0.0,
         )
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, PRECISION)
         m_i = m_new
     return acc, m_i, l_i
 

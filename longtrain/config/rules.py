@@ -125,7 +125,7 @@ def check_global_batch(global_batch: int, dp_size: int) -> None:
 
 
 # The kernels a plan may assume (`plan.attn_backend`, `plan.kernel_backend`).
-PLAN_ATTN_BACKENDS = ("flash_attn", "triton", "torch")
+PLAN_ATTN_BACKENDS = ("flash_attn", "torch_varlen", "triton", "torch")
 PLAN_KERNEL_BACKENDS = ("triton", "torch")
 
 

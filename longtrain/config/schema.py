@@ -43,7 +43,7 @@ class ModelConfig:
     # float32 | bfloat16 (bf16 compute and activations over fp32 master weights and optimizer
     # state: longtrain/distributed/precision.py) | float64 (CPU, the exact reference path)
     dtype: str = "float32"
-    attn_backend: str = "auto"  # attention backend: auto | torch | triton | flash_attn
+    attn_backend: str = "auto"  # attention: auto | torch | triton | flash_attn | torch_varlen
     kernel_backend: str = "auto"  # RoPE / RMSNorm / loss kernels: auto | torch | triton
     path: str = ""  # Hugging Face model directory (model=hf only)
 
@@ -194,8 +194,9 @@ class PlanConfig:
     host_mem_gib: float = 1.9e12 / (1 << 30)
     gpus_per_node: int = 8  # GPUs of one node; divides the world size when it is larger
     # Kernels of the planned run where the model config says `auto` (a plan is for the target,
-    # whatever is importable here): attention flash_attn | triton | torch, RoPE / RMSNorm /
-    # loss triton | torch. plan.device=cpu and float64 runs plan the torch kernels.
+    # whatever is importable here): attention flash_attn | torch_varlen | triton | torch,
+    # RoPE / RMSNorm / loss triton | torch. plan.device=cpu and float64 runs plan the torch
+    # kernels.
     attn_backend: str = "flash_attn"
     kernel_backend: str = "triton"
 

@@ -83,8 +83,8 @@ def _triton_loss_workspace(func, args, kwargs) -> int:
 
 
 def _flash_bwd_workspace(func, args, kwargs) -> int:
-    """flash-attn's backward accumulates dq in float32 ([T, H, D]) and keeps a float32 [H, T]
-    row statistic."""
+    """flash-attn's backward (and torch's copy of it, `torch_varlen`) accumulates dq in float32
+    ([T, H, D]) and keeps a float32 [H, T] row statistic."""
     q = args[3]
     return q.numel() * 4 + q.shape[0] * q.shape[1] * 4
 
@@ -101,7 +101,7 @@ def workspace_rules(device: str, attn_backend: str = "flash_attn") -> dict:
         "longtrain::linear_cross_entropy_fwd": _loss_workspace,
         "longtrain::triton_linear_ce": _triton_loss_workspace,
     }
-    if device == "cuda" and attn_backend == "flash_attn":
+    if device == "cuda" and attn_backend in ("flash_attn", "torch_varlen"):
         rules["longtrain::attn_varlen_bwd"] = _flash_bwd_workspace
     elif device == "cuda" and attn_backend == "triton":
         rules["longtrain::attn_varlen_bwd"] = _triton_attn_bwd_workspace

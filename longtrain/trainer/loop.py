@@ -18,13 +18,18 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from kernels.attention import describe_backend_choice
 from longtrain.config import RunConfig
 from longtrain.config.rules import validate_run_config
 from longtrain.distributed import DistEnv, barrier
 from longtrain.distributed.deepspeed_zero import build_deepspeed
 from longtrain.distributed.meta_start import build_parallel_model
 from longtrain.distributed.parallelize import build_parallel_dims, describe_layout
-from longtrain.distributed.precision import check_bf16_device, describe_precision
+from longtrain.distributed.precision import (
+    check_bf16_device,
+    compute_dtype,
+    describe_precision,
+)
 from longtrain.errors import NonFiniteError, RunInterrupted
 from longtrain.model import train_flops
 from longtrain.model.llama import set_rope_theta
@@ -119,6 +124,8 @@ def _start(cfg: RunConfig, run_dir: Path, env: DistEnv, preemption: PreemptionHa
         save_resolved_config(cfg, run_dir)
         print(describe_layout(cfg, env, dims), flush=True)
         print(describe_precision(cfg.model.dtype, cfg.train.engine, env.world_size), flush=True)
+        attn_dtype = compute_dtype(cfg.model.dtype)
+        print(describe_backend_choice(cfg.model.attn_backend, env.device, attn_dtype), flush=True)
 
     # On the meta device, parallelised and sharded there, then only this rank's shards
     # materialised (longtrain.distributed.meta_start).

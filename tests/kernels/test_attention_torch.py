@@ -202,14 +202,38 @@ def test_resolve_backend(monkeypatch):
 
     assert resolve_backend("auto", "cpu") == "torch"
     assert resolve_backend("triton", torch.device("cpu")) == "triton"
+    # auto on CUDA, 16-bit: flash-attn, else torch's own flash kernels, else triton.
     monkeypatch.setattr(dispatch, "_HAS_FLASH_ATTN", True)
+    monkeypatch.setattr(dispatch, "_HAS_TORCH_FLASH", True)
     assert resolve_backend("auto", "cuda") == "flash_attn"
+    assert resolve_backend("auto", "cuda", torch.bfloat16) == "flash_attn"
     monkeypatch.setattr(dispatch, "_HAS_FLASH_ATTN", False)
+    assert resolve_backend("auto", "cuda:1", torch.float16) == "torch_varlen"
+    monkeypatch.setattr(dispatch, "_HAS_TORCH_FLASH", False)
     assert resolve_backend("auto", "cuda:1") == "triton"
-    with pytest.raises(ValueError, match="needs CUDA"):
-        resolve_backend("flash_attn", "cpu")
+    # The flash kernels take no float32 / float64, whatever is installed.
+    monkeypatch.setattr(dispatch, "_HAS_FLASH_ATTN", True)
+    assert resolve_backend("auto", "cuda", torch.float32) == "triton"
+    assert resolve_backend("auto", "cuda", torch.float64) == "torch"
+    for cuda_only in ("flash_attn", "torch_varlen"):
+        with pytest.raises(ValueError, match=f"'{cuda_only}' needs CUDA"):
+            resolve_backend(cuda_only, "cpu")
     with pytest.raises(ValueError, match="'xformers'"):
         resolve_backend("xformers", "cpu")
+
+
+def test_the_backend_choice_is_described_with_its_reason(monkeypatch):
+    from kernels.attention import dispatch
+
+    monkeypatch.setattr(dispatch, "_HAS_FLASH_ATTN", False)
+    monkeypatch.setattr(dispatch, "_HAS_TORCH_FLASH", True)
+    line = dispatch.describe_backend_choice("auto", "cuda", torch.bfloat16)
+    assert line == (
+        "attention: torch_varlen (auto on cuda: flash-attn is not installed; torch's flash "
+        "kernels are)"
+    )
+    assert dispatch.describe_backend_choice("auto", "cpu") == "attention: torch (auto on cpu)"
+    assert dispatch.describe_backend_choice("triton", "cuda") == "attention: triton (as configured)"
 
 
 def _zeros(*shape: int) -> torch.Tensor:

@@ -4,9 +4,13 @@ Legend (kernels/__init__.py): T tokens (Tq queries, Tk keys), Hq query heads, K 
 heads, D head dim. The kernels run through the public path, `attn_varlen(backend="triton")`
 (the one autograd chain of every backend); the launchers and `triton_attn_fwd` / `_bwd` are
 called directly only where a test needs them (block sizes, exact zeros, argument errors).
-Runs under TRITON_INTERPRET=1 on CPU (see conftest.py): float32 and float16 only, because the
-interpreter computes bfloat16 `tl.dot` wrongly. A fast subset runs in `make test`; the sweep
-over T in {1, 17, 63, 130}, D in {16, 40, 64}, GQA 1/2/4 and both masks is marked slow.
+Runs under TRITON_INTERPRET=1 on CPU (see conftest.py). The interpreter computes bfloat16
+`tl.dot` wrongly (`test_interpreter_bf16_dot_is_still_wrong` keeps measuring it), so there the
+bfloat16 cases run the kernels' upcasting dot (`kernels.triton_dot.mma`: both bfloat16 operands
+widened to float32, which gives the GPU's bfloat16 dot exactly in value); everything else the
+kernels do in bfloat16 (loads, the casts of p and dS, stores) is what a GPU runs. On a GPU the
+same cases run the compiled bfloat16 dot. A fast subset runs in `make test`; the sweep over T in
+{1, 17, 63, 130}, D in {16, 40, 64}, GQA 1/2/4, both masks and three dtypes is marked slow.
 
 The error rule (helpers.assert_2x): the Triton error against float64 `attn_naive` + autograd
 is at most 2x that of the project's torch backend (`attn_varlen(backend="torch")`) run in the
@@ -108,6 +112,8 @@ FAST = [
     ("T130", 4, 2, 40, False, torch.float32),
     ("T63-ragged", 4, 1, 16, True, torch.float32),
     ("T63", 2, 2, 64, True, torch.float16),
+    ("T130", 4, 2, 40, True, torch.bfloat16),
+    ("T63-ragged", 4, 1, 16, False, torch.bfloat16),
 ]
 SLOW = [
     (layout, H, K, D, causal, dtype)
@@ -116,7 +122,7 @@ SLOW = [
         [(4, 4), (4, 2), (4, 1)],
         [16, 40, 64],
         [True, False],
-        [torch.float32, torch.float16],
+        [torch.float32, torch.float16, torch.bfloat16],
     )  # fmt: skip
     if (layout, H, K, D, causal, dtype) not in FAST
 ]
@@ -137,6 +143,30 @@ def test_matches_reference_sweep(case):
 def test_lse_gradient(causal):
     """Ring attention merges partials by lse under autograd: dlse must reach q and k."""
     _check_against_reference("T63-ragged", 4, 2, 40, causal, torch.float32, with_dlse=True)
+
+
+def test_lse_gradient_bf16():
+    """The same in bfloat16, the dtype ring attention runs in on GPUs."""
+    _check_against_reference("T63-ragged", 4, 2, 40, True, torch.bfloat16, with_dlse=True)
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="a fact about Triton's CPU interpreter")
+def test_interpreter_bf16_dot_is_still_wrong():
+    """Why the bfloat16 cases upcast under the interpreter: its plain bfloat16 `tl.dot` is
+    wrong (triton 3.7.1). When this fails, the interpreter got it right: drop UPCAST_BF16_DOT
+    (kernels/_triton_utils.py) and test the plain bfloat16 dot."""
+    from tests.kernels.triton.dot_probe import dot_with_precision
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(16, 16, generator=gen), torch.randn(16, 16, generator=gen)
+    a16, b16 = a.bfloat16(), b.bfloat16()
+    exact = a16.double() @ b16.double()
+    upcast = dot_with_precision(a16, b16, "upcast_bf16").double()
+    plain = dot_with_precision(a16, b16, "tf32").double()
+    # Products of bfloat16 numbers are exact in float32; 16 of them summed in float32 round
+    # at ~1e-7 relative of sums of O(4) terms.
+    torch.testing.assert_close(upcast, exact, rtol=0, atol=1e-5)
+    assert (plain - exact).abs().max() > 1.0, "the interpreter's bfloat16 dot is now right"
 
 
 @pytest.mark.parametrize("block_m, block_n", [(16, 32), (32, 16)], ids=["BM16-BN32", "BM32-BN16"])
