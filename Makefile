@@ -9,7 +9,7 @@ TRITON_PIN ?= triton==3.7.1
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 export WANDB_SILENT ?= true
 
-.PHONY: all setup demo test lint format bench clean
+.PHONY: all setup demo test lint format bench gpu-check clean
 
 all: test
 
@@ -40,6 +40,13 @@ test: lint
 
 bench: $(STAMP)
 	$(PY) -m bench.run_all
+
+# One GPU machine end to end in under 8 minutes (bench/gpu_check/; without a GPU it says so and
+# exits 0). No venv is built for it: a GPU machine brings its own CUDA torch, so it runs with
+# .venv's python when there is one, else python3 (`make gpu-check GPU_PY=...` to choose).
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	$(GPU_PY) -m bench.gpu_check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf outputs runs multirun data_cache .pytest_cache .ruff_cache
