@@ -205,6 +205,19 @@ def _describe(layout: dict) -> str:
     return f"{layout['world_size']} ranks at ZeRO-{layout['zero_stage']}"
 
 
+def _skip_cpu_shm_comm() -> None:
+    """Keep DeepSpeed's CPU comm backend from compiling its shared-memory all-reduce op.
+
+    On CPU, DeepSpeed's comm backend JIT-compiles `deepspeed_shm_comm` when it starts (45 s
+    on 2 cores, measured, on every fresh TORCH_EXTENSIONS_DIR). The op serves only
+    `inference_all_reduce`, which ZeRO training never calls: ZeRO's collectives go through
+    torch.distributed. DeepSpeed keeps its op-compatibility table as one module-level dict
+    so that edits to it persist; marking the op incompatible makes the backend skip it."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def build_deepspeed(
     model: nn.Module, optimizer: torch.optim.Optimizer, cfg: RunConfig, world_size: int
 ) -> DeepSpeedRun:
@@ -219,6 +232,8 @@ def build_deepspeed(
     if cfg.train.deepspeed.zero_stage == 3:
         deepspeed.zero.register_external_parameter(model, model.output_weight())
     on_cuda = next(model.parameters()).device.type == "cuda"
+    if not on_cuda:
+        _skip_cpu_shm_comm()
     config = deepspeed_config(cfg, world_size, largest_block_numel(model), on_cuda)
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=config, dist_init_required=False
