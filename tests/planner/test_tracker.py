@@ -61,3 +61,18 @@ def test_fake_tensors_are_counted_without_memory():
         y = x * 2
     assert tracker.peak == 2 << 30
     del x, y
+
+
+def test_the_flash_family_charges_its_backward_workspace():
+    """torch_varlen runs flash-attn's kernels (torch's copy): the same float32 dq accumulator
+    [T, H, D] and row statistic [H, T] as flash_attn; triton keeps only the statistic."""
+    from longtrain.planner.simulate import workspace_rules
+
+    q = torch.empty(64, 4, 16, device="meta")  # [T, H, D]
+    args = (None, None, None, q)  # attn_varlen_bwd(dout, dlse, q, ...): q is the fourth
+    rule = "longtrain::attn_varlen_bwd"
+    flash = workspace_rules("cuda", "flash_attn")[rule](None, args, {})
+    assert flash == 64 * 4 * 16 * 4 + 4 * 64 * 4
+    assert workspace_rules("cuda", "torch_varlen")[rule](None, args, {}) == flash
+    assert workspace_rules("cuda", "triton")[rule](None, args, {}) == 4 * 64 * 4
+    assert rule not in workspace_rules("cpu", "torch_varlen")
