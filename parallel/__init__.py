@@ -10,6 +10,8 @@
 Imports only `kernels` and torch (never `longtrain`).
 """
 
+from parallel.adaptive import AdaptiveSPMeta, Placement, place_documents
+from parallel.adaptive_cost import AdaptivePolicy, AttnShape, SPCostModel, SplitMethod
 from parallel.apply import SPAttention, apply
 from parallel.comm_stats import CommCost, CommStats, ring_cost, ulysses_cost, usp_cost
 from parallel.dims import ParallelDims, valid_ulysses_degrees
@@ -21,6 +23,13 @@ from parallel.ulysses import ulysses_attn_varlen_func
 from parallel.usp import usp_attn_varlen_func
 
 __all__ = [
+    "AdaptivePolicy",
+    "AdaptiveSPMeta",
+    "Placement",
+    "AttnShape",
+    "SPCostModel",
+    "SplitMethod",
+    "place_documents",
     "check_method",
     "CommCost",
     "CommStats",

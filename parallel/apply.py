@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from kernels.attention import VarlenAttention
+from parallel.adaptive import AdaptiveSPMeta, adaptive_attn_varlen_func
 from parallel.comm_stats import CommStats
 from parallel.dims import ParallelDims
 from parallel.layout import check_config
@@ -32,11 +33,15 @@ class SPAttention(nn.Module):
         ring_group,
         backend: str = "auto",
         stats: CommStats | None = None,
+        views: dict | None = None,
     ):
         super().__init__()
         self.method, self.ring_impl, self.backend = method, ring_impl, backend
         self.ulysses_group, self.ring_group = ulysses_group, ring_group
         self.stats = stats
+        # (ulysses, ring) degrees -> (ulysses group, ring group) over this module's SP ranks:
+        # the layouts adaptive placement may split documents with (parallel=auto: several).
+        self.views = dict(views or {})
 
     # Collectives inside custom autograd Functions do not trace; a compiled block runs
     # this call eagerly (one graph break per layer) instead of failing.
@@ -50,6 +55,15 @@ class SPAttention(nn.Module):
         causal: bool = True,
         softmax_scale: float | None = None,
     ) -> torch.Tensor:
+        if isinstance(meta, AdaptiveSPMeta):  # whole documents here, the rest split
+            groups = (self.ulysses_group, self.ring_group)
+            if meta.split_meta is not None:
+                layout = meta.split_meta.layout
+                groups = self.views.get((layout.ulysses, layout.ring), groups)
+            return adaptive_attn_varlen_func(
+                *groups, q, k, v, meta, causal=causal, softmax_scale=softmax_scale,
+                backend=self.backend, ring_impl=self.ring_impl, stats=self.stats,
+            )  # fmt: skip
         out, _ = usp_attn_varlen_func(
             self.ulysses_group,
             self.ring_group,
@@ -74,6 +88,8 @@ def apply(model: nn.Module, dims: ParallelDims, cfg, stats: CommStats | None = N
     of `dims` (whose mesh must be built). cfg has `method` (none | ulysses | ring | usp) and
     `ring_impl` (zigzag | allgather); method none leaves the model alone. All swapped modules
     share `stats` (a new CommStats when None; read it back as `model.sp_comm_stats`).
+    `dims.alternate` (built too, when set) is another layout adaptive placement may split
+    documents with over the same ranks (parallel=auto: Ulysses beside the ring).
     Returns the model.
     """
     check_config(dims, cfg)
@@ -81,6 +97,8 @@ def apply(model: nn.Module, dims: ParallelDims, cfg, stats: CommStats | None = N
         return model
     stats = CommStats() if stats is None else stats
     ulysses_group, ring_group = dims.ulysses_group, dims.ring_group
+    views = {(d.ulysses, d.ring): (d.ulysses_group, d.ring_group)
+             for d in (dims, dims.alternate) if d is not None}  # fmt: skip
     swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -92,6 +110,7 @@ def apply(model: nn.Module, dims: ParallelDims, cfg, stats: CommStats | None = N
                     ring_group,
                     backend=child.backend,
                     stats=stats,
+                    views=views,
                 )
                 setattr(parent, name, sp)
                 swapped += 1

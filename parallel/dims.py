@@ -115,6 +115,9 @@ class ParallelDims:
         self._mesh: DeviceMesh | None = None
         self._sp_mesh: DeviceMesh | None = None
         self._dp_sp_mesh: DeviceMesh | None = None
+        # Another grid over the same SP ranks (same sp_rank order) whose layout adaptive
+        # placement may also split documents with: parallel=auto's Ulysses beside its ring.
+        self.alternate: ParallelDims | None = None
 
     # ------------------------------------------------------------------ rules
     @property

@@ -23,7 +23,7 @@ from parallel.dims import ParallelDims
 from parallel.plans import BlockPlan, allgather_plan, zigzag_plans
 from parallel.sharding import SPLayout
 
-METHODS = ("none", "ulysses", "ring", "usp")
+METHODS = ("none", "ulysses", "ring", "usp", "auto")
 RING_IMPLS = ("zigzag", "allgather")
 
 
@@ -50,6 +50,8 @@ def check_config(dims: ParallelDims, cfg) -> None:
         raise ValueError(f"parallel=ulysses with ring={r}; use parallel=usp for both")
     if method == "ring" and u != 1:
         raise ValueError(f"parallel=ring with ulysses={u}; use parallel=usp for both")
+    if method == "auto" and u != 1:  # its grid is the ring's; Ulysses is an extra view
+        raise ValueError(f"parallel=auto runs on a ring grid, got ulysses={u}")
 
 
 @dataclass

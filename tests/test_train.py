@@ -152,6 +152,9 @@ def test_corrupt_checkpoint_stops_before_training(tmp_path, corpus):
         ("data.seq_len=1", "data.seq_len=1"),
         ("model.dtype=float16", "model.dtype"),
         ("data.packing=greedy", "data.packing"),
+        ("parallel.adaptive=true", "parallel.adaptive=true needs sequence parallelism"),
+        ("parallel.adaptive_slack=-1", "parallel.adaptive_slack=-1 must be >= 0"),
+        ("parallel.cost_link_gbps=0", "parallel.cost_link_gbps=0 must be > 0"),
     ],
 )
 def test_bad_values_fail_before_training(tmp_path, corpus, override, message):

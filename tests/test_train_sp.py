@@ -20,7 +20,17 @@ LAYOUTS = {
     "usp2x2": ["parallel=usp", "parallel.ulysses=2", "parallel.ring=2"],
     "dp2-ulysses2": ["parallel=ulysses", "parallel.ulysses=2"],
     "dp2-ring2-allgather": ["parallel=ring", "parallel.ring=2", "parallel.ring_impl=allgather"],
+    # Adaptive placement (parallel/adaptive.py): documents up to 48 tokens whole on one rank.
+    "usp2x2-adaptive": [
+        "parallel=usp",
+        "parallel.ulysses=2",
+        "parallel.ring=2",
+        "parallel.adaptive=true",
+        "parallel.adaptive_threshold=48",
+    ],
+    "auto4": ["parallel=auto"],
 }
+ADAPTIVE = ("usp2x2-adaptive", "auto4")
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +78,13 @@ def test_sp_layout_matches_one_process(single, layout):
     for a, b in zip(got, expected):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-9, abs=0)
     assert len(got) == STEPS
-    assert all(r["comm_bytes"] > 0 and r["comm_calls"] > 0 for r in got)
+    if layout in ADAPTIVE:  # every token is either in a whole document or a split one
+        for r in got:
+            assert r["sp_local_tokens"] + r["sp_split_tokens"] == r["seqs"] * 128, r
+            assert r["sp_method"] in ("local", "ring", "ulysses", "ring_allgather", "usp"), r
+        assert any(r["sp_local_tokens"] > 0 for r in got)
+    else:
+        assert all(r["comm_bytes"] > 0 and r["comm_calls"] > 0 for r in got)
     # The held-out evaluation: the same tokens, the same losses (reassociation only).
     assert [r["step"] for r in got_eval] == [2, 5] == [r["step"] for r in expected_eval]
     for a, b in zip(got_eval, expected_eval):

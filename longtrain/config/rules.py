@@ -158,6 +158,32 @@ def check_plan(plan: PlanConfig) -> None:
     _one_of("plan.kernel_backend", plan.kernel_backend, PLAN_KERNEL_BACKENDS)
 
 
+def _check_parallel(cfg: RunConfig) -> None:
+    p = cfg.parallel
+    try:
+        parallel.check_method(p.method, p.ring_impl)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    if p.adaptive and p.method == "none":
+        raise ConfigError(
+            "parallel.adaptive=true needs sequence parallelism: pick parallel=ulysses, ring, "
+            "usp or auto"
+        )
+    if p.method == "auto" and p.ulysses != 1:
+        raise ConfigError(
+            f"parallel=auto takes its ranks from parallel.ring (0: every rank), got "
+            f"parallel.ulysses={p.ulysses}: leave it at 1"
+        )
+    _at_least("parallel.adaptive_threshold", p.adaptive_threshold, 0, " (0: the cost model)")
+    if not p.adaptive_slack >= 0:
+        raise ConfigError(f"parallel.adaptive_slack={p.adaptive_slack:g} must be >= 0")
+    for key in ("cost_tflops", "cost_link_gbps", "calibrate_timeout_s"):
+        if not getattr(p, key) > 0:  # also refuses nan
+            raise ConfigError(f"parallel.{key}={getattr(p, key):g} must be > 0")
+    if not p.cost_latency_us >= 0:
+        raise ConfigError(f"parallel.cost_latency_us={p.cost_latency_us:g} must be >= 0")
+
+
 def _check_train(cfg: RunConfig) -> None:
     t = cfg.train
     _at_least("train.steps", t.steps, 0)
@@ -275,10 +301,7 @@ def validate_run_config(cfg: RunConfig, world_size: int) -> None:
     _check_train(cfg)
     _check_optim(cfg)
     _one_of("model.dtype", cfg.model.dtype, DTYPES)
-    try:
-        parallel.check_method(cfg.parallel.method, cfg.parallel.ring_impl)
-    except ValueError as err:
-        raise ConfigError(str(err)) from err
+    _check_parallel(cfg)
     _one_of("logging.wandb.mode", cfg.logging.wandb.mode, WANDB_MODES)
     if cfg.parallel.method == "none":  # every rank is a data-parallel rank
         check_global_batch(cfg.train.global_batch, max(1, world_size))

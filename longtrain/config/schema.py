@@ -95,10 +95,27 @@ class DataConfig:
 
 @dataclass
 class ParallelConfig:
-    method: str = "none"  # none | ulysses | ring | usp
+    # none | ulysses | ring | usp | auto (per step: which documents stay whole on one rank,
+    # and ulysses, ring zigzag or ring all-gather for the rest, over `ring` ranks)
+    method: str = "none"
     ulysses: int = 1  # Ulysses (all-to-all over heads) degree; 0: all ranks not used by ring
     ring: int = 1  # Ring attention degree; 0: all ranks not used by ulysses
     ring_impl: str = "zigzag"  # zigzag (P2P ring, causal balance) | allgather (many short docs)
+    # Keep the method but place short documents whole on one rank (parallel/adaptive.py);
+    # always on for method=auto.
+    adaptive: bool = False
+    adaptive_threshold: int = 0  # documents up to this many tokens stay whole; 0: cost model
+    # A rank may hold up to 1 + this times the tokens of the fixed layout (the planner plans
+    # that worst case): room to keep documents whole without exact token balance.
+    adaptive_slack: float = 0.25
+    # The cost model (parallel/adaptive_cost.py): one GPU's sustained TFLOP/s, one link's
+    # GB/s and latency; measured at start-up when `calibrate` (the values here are the
+    # fallback if that fails or takes longer than calibrate_timeout_s).
+    cost_tflops: float = 400.0
+    cost_link_gbps: float = 100.0
+    cost_latency_us: float = 20.0
+    calibrate: bool = True
+    calibrate_timeout_s: float = 30.0
 
 
 @dataclass

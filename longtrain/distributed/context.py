@@ -22,6 +22,9 @@ class StepContext:
     world_group: object | None = None  # process group over which local loss sums add up
     sync_grads_manually: bool = False  # world > 1 without a sharded engine
     engine: object | None = None  # a DeepSpeedRun (train.engine=deepspeed): backward and update
+    # parallel.AdaptivePolicy when short documents stay whole on one rank (parallel=auto or
+    # parallel.adaptive=true): shard_micro_batch asks it, per micro-batch, for the layout.
+    sp_policy: object | None = None
 
 
 __all__ = ["StepContext"]

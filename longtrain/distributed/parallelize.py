@@ -19,6 +19,7 @@ from longtrain.distributed.memory import apply_memory
 from longtrain.distributed.precision import (
     cast_embedding_output,
     cast_linear_weights_in_op,
+    compute_dtype,
     uses_autocast,
 )
 
@@ -29,7 +30,7 @@ def resolve_degrees(cfg: RunConfig, world_size: int) -> tuple[int, int]:
     if p.method == "none":
         return 1, 1
     ulysses = p.ulysses if p.method in ("ulysses", "usp") else 1
-    ring = p.ring if p.method in ("ring", "usp") else 1
+    ring = p.ring if p.method in ("ring", "usp", "auto") else 1
     if ulysses == 0 and ring == 0:
         raise ValueError("parallel.ulysses and parallel.ring cannot both be 0 (auto)")
     if ulysses == 0:
@@ -48,7 +49,29 @@ def build_parallel_dims(cfg: RunConfig, env: DistEnv):
     dims = parallel.ParallelDims(env.world_size, ulysses=ulysses, ring=ring)
     dims.validate(cfg.model.n_heads, cfg.model.n_kv_heads, cfg.data.seq_len)
     dims.build_mesh(env.device.type)
+    if cfg.parallel.method == "auto":  # Ulysses over the same ranks, where the heads allow
+        dims.alternate = ulysses_view(cfg, dims)
+        if dims.alternate is not None:
+            dims.alternate.build_mesh(env.device.type)
     return dims
+
+
+def ulysses_view(cfg: RunConfig, dims):
+    """parallel=auto's Ulysses grid over the ring's SP ranks (same dp, ulysses = ring), or
+    None when the model's heads cannot be split over that many ranks."""
+    view = parallel.ParallelDims(dims.world_size, ulysses=dims.ring, ring=1)
+    try:
+        view.validate(cfg.model.n_heads, cfg.model.n_kv_heads, None)
+    except ValueError:
+        return None
+    return view
+
+
+def adaptive_placement(cfg: RunConfig) -> bool:
+    """Whether the run places short documents whole on one rank (parallel/adaptive.py)."""
+    return cfg.parallel.method == "auto" or (
+        cfg.parallel.adaptive and cfg.parallel.method != "none"
+    )
 
 
 def describe_layout(cfg: RunConfig, env: DistEnv, dims) -> str:
@@ -59,6 +82,7 @@ def describe_layout(cfg: RunConfig, env: DistEnv, dims) -> str:
         f"layout: {env.world_size} processes = dp={dims.dp} x ulysses={dims.ulysses} x "
         f"ring={dims.ring} (parallel={cfg.parallel.method}"
         + (f", ring_impl={cfg.parallel.ring_impl}" if dims.ring > 1 else "")
+        + (", adaptive placement" if adaptive_placement(cfg) else "")
         + f"), engine={cfg.train.engine if env.world_size > 1 else 'none'}"
     )
 
@@ -97,6 +121,29 @@ def step_context(cfg: RunConfig, env: DistEnv, dims, pad_id: int) -> StepContext
         dp_group=dims.dp_group if dims is not None else None,
         world_group=None,
         sync_grads_manually=env.world_size > 1 and cfg.train.engine == "none",
+        sp_policy=adaptive_policy(cfg, dims) if sp and adaptive_placement(cfg) else None,
+    )
+
+
+def adaptive_policy(cfg: RunConfig, dims) -> parallel.AdaptivePolicy:
+    """The per-micro-batch placement policy of this run, its cost model from the model's
+    shapes and `parallel.cost_*` (start-up calibration may replace it: trainer.loop)."""
+    p, m = cfg.parallel, cfg.model
+    head_dim = m.head_dim or m.dim // m.n_heads
+    methods = [parallel.SplitMethod(p.method, dims.ring, dims.ulysses, p.ring_impl)]
+    if p.method == "auto":
+        P = dims.sp_size
+        methods = [parallel.SplitMethod("ring", P, 1, "zigzag")]
+        if dims.alternate is not None:
+            methods.append(parallel.SplitMethod("ulysses", 1, P))
+        methods.append(parallel.SplitMethod("ring_allgather", P, 1, "allgather"))
+    model = parallel.SPCostModel.analytic(
+        m.n_heads, m.n_kv_heads, head_dim, m.dim, m.ffn_dim, p.cost_tflops, p.cost_link_gbps,
+        p.cost_latency_us,
+    )  # fmt: skip
+    shape = parallel.AttnShape(m.n_heads, m.n_kv_heads, head_dim, compute_dtype(m.dtype))
+    return parallel.AdaptivePolicy(
+        methods, shape, model, m.n_layers, p.adaptive_threshold, p.adaptive_slack
     )
 
 

@@ -34,6 +34,7 @@ shows (u < 2), so each regime has probes of its own, simulated only when asked f
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import gc
 import math
@@ -53,7 +54,12 @@ from longtrain.config.rules import (
 from longtrain.data.batch import PackedBatch
 from longtrain.distributed import DistEnv
 from longtrain.distributed.memory.checkpointing import pinned_host_bytes
-from longtrain.distributed.parallelize import apply_model_stack, build_parallel_dims, step_context
+from longtrain.distributed.parallelize import (
+    adaptive_placement,
+    apply_model_stack,
+    build_parallel_dims,
+    step_context,
+)
 from longtrain.distributed.precision import engine_casts_params, master_dtype
 from longtrain.errors import ConfigError
 from longtrain.planner.engine_state import EngineState, engine_state
@@ -185,7 +191,7 @@ def resolve_world(cfg: RunConfig, plan: PlanConfig) -> tuple[int, int, int]:
     world = plan.world_size
     if world == 0:
         ulysses = p.ulysses if p.method in ("ulysses", "usp") else 1
-        ring = p.ring if p.method in ("ring", "usp") else 1
+        ring = p.ring if p.method in ("ring", "usp", "auto") else 1
         if ulysses == 0 or ring == 0:
             raise ValueError(
                 f"parallel.ulysses={p.ulysses} / parallel.ring={p.ring} use 'every rank': "
@@ -273,6 +279,12 @@ class Planner:
                 "the same shapes with model=llama3_8b-style fields (dim, n_layers, heads, ffn_dim)"
             )
         check_plan(plan)
+        self.adaptive = adaptive_placement(cfg)
+        if cfg.parallel.method == "auto":
+            # Of auto's layouts the ring all-gather holds the most (every rank's K/V at once):
+            # plan that one. Its tokens per rank are the ring's, like Ulysses'.
+            cfg = copy.deepcopy(cfg)
+            cfg.parallel.ring_impl = "allgather"
         self.cfg, self.plan = cfg, plan
         self.world_size, self.ulysses, self.ring = resolve_world(cfg, plan)
         check_node_layout(self.world_size, plan.gpus_per_node)
@@ -334,6 +346,8 @@ class Planner:
             env = DistEnv(rank=0, world_size=self.world_size, local_rank=0, device=DEVICE)
             self.dims = build_parallel_dims(self.cfg, env)
             self.ctx = step_context(self.cfg, env, self.dims, pad_id=0)
+            # Adaptive placement is planned at its worst case instead (`_simulated_len`).
+            self.ctx.sp_policy = None
             self.fake = private.fake_mode()
             n = self.n_layers
             full = self._model(n, self.max_offloaded)
@@ -435,12 +449,13 @@ class Planner:
         attention plans built now (they read values, which fake tensors do not have)."""
         if seq_len in self._batches:
             return self._batches[seq_len]
-        S, T = self.micro_batch, self.micro_batch * seq_len
+        sim_len = self._simulated_len(seq_len)
+        S, T = self.micro_batch, self.micro_batch * sim_len
         mb = PackedBatch(
             tokens=torch.zeros(T, dtype=torch.int64),
             labels=torch.ones(T, dtype=torch.int64),
-            position_ids=torch.arange(seq_len).repeat(S),
-            cu_seqlens=torch.arange(0, T + 1, seq_len, dtype=torch.int32),
+            position_ids=torch.arange(sim_len).repeat(S),
+            cu_seqlens=torch.arange(0, T + 1, sim_len, dtype=torch.int32),
             loss_weights=torch.ones(T, dtype=torch.float64),
             segment_is_padding=torch.zeros(S, dtype=torch.bool),
             num_sequences=S,
@@ -458,6 +473,17 @@ class Planner:
                     meta.zigzag_plans(True, DEVICE)
         self._batches = {seq_len: local}
         return local
+
+    def _simulated_len(self, seq_len: int) -> int:
+        """The sequence length simulated for `seq_len`: itself, or under adaptive placement
+        its worst case, where a rank holds the most tokens the placement allows (the fixed
+        layout's times 1 + parallel.adaptive_slack, parallel/adaptive.py), rounded up to
+        the layout's multiple."""
+        if not self.adaptive:
+            return seq_len
+        m = self.seq_multiple()
+        worst = math.ceil(seq_len * (1 + self.cfg.parallel.adaptive_slack))
+        return -(-worst // m) * m
 
     def _grad_hooks(self, model, tracker: MemoryTracker) -> list:
         """Keep whole gradients where the engine does; otherwise drop each as it is

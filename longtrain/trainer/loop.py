@@ -42,6 +42,7 @@ from longtrain.trainer.optimizer import build_optimizer, build_scheduler
 from longtrain.trainer.preemption import PreemptionHandler
 from longtrain.trainer.run_dir import agree_run_dir, check_run_dir, save_resolved_config
 from longtrain.trainer.step import train_step
+from parallel.adaptive_calibrate import calibrate
 
 StepCallback = Callable[[int, dict], None]
 
@@ -130,6 +131,8 @@ def _start(cfg: RunConfig, run_dir: Path, env: DistEnv, preemption: PreemptionHa
     # On the meta device, parallelised and sharded there, then only this rank's shards
     # materialised (longtrain.distributed.meta_start).
     model, step_ctx = build_parallel_model(cfg, env, dims, pad_id=store.pad_id)
+    if step_ctx.sp_policy is not None and cfg.parallel.calibrate:
+        _calibrate_placement(step_ctx.sp_policy, cfg, env, dims)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
     if cfg.train.engine == "deepspeed":
@@ -329,6 +332,17 @@ def _interrupt_message(step: int, ckpt: Checkpointer, run_dir: Path) -> str:
         f"interrupted during step {step}; resume from {_newest(ckpt)} with "
         f"train.resume=auto hydra.run.dir={run_dir}"
     )
+
+
+def _calibrate_placement(policy, cfg: RunConfig, env: DistEnv, dims) -> None:
+    """Measure the adaptive placement's cost model on this run's device and SP group (or keep
+    the configured one, saying why), every rank alike: parallel/adaptive_calibrate.py."""
+    policy.model, line = calibrate(
+        dims.sp_group, env.device, policy.shape, cfg.model.dim, cfg.model.ffn_dim, policy.model,
+        cfg.parallel.calibrate_timeout_s, cfg.model.attn_backend,
+    )  # fmt: skip
+    if env.is_main:
+        print(line, flush=True)
 
 
 def _startup_message(signal_name: str, s: Session) -> str:

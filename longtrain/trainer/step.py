@@ -54,7 +54,10 @@ def shard_micro_batch(mb: PackedBatch, ctx: StepContext) -> LocalBatch:
             attn_meta=meta,
             num_padding=0,
         )
-    layout = parallel.shard_packed(mb.cu_seqlens, mb.num_tokens, ctx.dims, ctx.parallel_cfg)
+    if ctx.sp_policy is not None:  # short documents whole on one rank (parallel/adaptive.py)
+        layout, _ = ctx.sp_policy.shard(mb.cu_seqlens, mb.num_tokens, ctx.dims.sp_rank)
+    else:
+        layout = parallel.shard_packed(mb.cu_seqlens, mb.num_tokens, ctx.dims, ctx.parallel_cfg)
     return LocalBatch(
         tokens=layout.take(mb.tokens, ctx.pad_id).to(dev),
         labels=layout.take(mb.labels, IGNORE_INDEX).to(dev),
@@ -97,10 +100,24 @@ def forward_loss(model: nn.Module, local: LocalBatch, ctx: StepContext) -> torch
         )
 
 
-def _global_counts(micro_batches: list[PackedBatch], ctx: StepContext) -> torch.Tensor:
-    """float64 [8], summed over data-parallel ranks: trained weight, trained tokens, all
+def _placements(micro_batches: list[PackedBatch], ctx: StepContext) -> list:
+    """The adaptive policy's choice for each micro-batch ([] without one): the same call, on
+    the same lengths (padding segments included), as `shard_micro_batch` makes (the policy
+    keeps the answer)."""
+    if ctx.sp_policy is None:
+        return []
+    return [ctx.sp_policy.choose((mb.cu_seqlens[1:] - mb.cu_seqlens[:-1]).tolist())
+            for mb in micro_batches]  # fmt: skip
+
+
+def _global_counts(micro_batches: list[PackedBatch], ctx: StepContext, choices) -> torch.Tensor:
+    """float64 [10], summed over data-parallel ranks: trained weight, trained tokens, all
     tokens, padding tokens, documents, sequences, attended (query, key) pairs, truncated
-    segments. Counts and sums in float64: exact for any batch."""
+    segments, and under adaptive placement (`choices`) the tokens of documents kept whole on
+    one rank and of split ones. Counts and sums in float64: exact for any batch."""
+    placed = [(c.cost.local_tokens, c.cost.split_tokens) for c in choices] or [(0, 0)] * len(
+        micro_batches
+    )
     counts = torch.tensor(
         [
             [
@@ -112,8 +129,9 @@ def _global_counts(micro_batches: list[PackedBatch], ctx: StepContext) -> torch.
                 mb.num_sequences,
                 causal_pairs(mb.doc_lengths()),
                 mb.num_truncated,
+                *placed[i],
             ]
-            for mb in micro_batches
+            for i, mb in enumerate(micro_batches)
         ],
         dtype=torch.float64,
     ).sum(0)
@@ -152,7 +170,8 @@ def train_step(
     failure or a hang can be reported with it (longtrain.trainer.diagnostics.StepMonitor.mark)."""
     t0 = time.perf_counter()
     mark("token counts all_reduce")
-    counts = _global_counts(micro_batches, ctx)
+    choices = _placements(micro_batches, ctx)
+    counts = _global_counts(micro_batches, ctx, choices)
     global_weight = counts[0].item()
     if global_weight <= 0:
         raise RuntimeError(
@@ -180,7 +199,24 @@ def train_step(
         mark("end-of-step barrier")
         dist.barrier()  # the step ends when every rank's update is done: honest step time
     step_time = time.perf_counter() - t0
-    return _record(counts, loss, lr, grad_norm, applied, step_time)
+    record = _record(counts, loss, lr, grad_norm, applied, step_time)
+    if choices:
+        record.update(_placement_metrics(counts, choices, ctx.sp_policy.n_layers))
+    return record
+
+
+def _placement_metrics(counts: torch.Tensor, choices: list, n_layers: int) -> dict:
+    """sp_method (this rank's micro-batches' split method(s), `local` when nothing was
+    split), sp_local_tokens / sp_split_tokens (all data-parallel ranks) and sp_predicted_s
+    (the cost model's attention-and-communication time of this rank's micro-batches, every
+    layer, forward and backward)."""
+    methods = sorted({c.method.name for c in choices if c.cost.split_tokens})
+    return {
+        "sp_method": "+".join(methods) or "local",
+        "sp_local_tokens": int(counts[8].item()),
+        "sp_split_tokens": int(counts[9].item()),
+        "sp_predicted_s": n_layers * sum(c.cost.seconds for c in choices),
+    }
 
 
 def _record(counts, loss: float, lr: float, grad_norm: float, applied: bool, step_time: float):

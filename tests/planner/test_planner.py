@@ -279,3 +279,20 @@ def test_llama3_8b_1m_recipe_runs_without_offload():
         step = planner.measure(cfg.data.seq_len)
     assert step.offloaded_blocks == 0 and step.host_breakdown["offloaded activations"] == 0
     assert step.peak_bytes / GIB == pytest.approx(46.9, abs=1.5)  # one bf16 input per block
+
+
+def test_adaptive_placement_is_planned_at_its_worst_case():
+    """A rank may hold 1 + parallel.adaptive_slack times the fixed layout's tokens
+    (parallel/adaptive.py): the plan of an adaptive run is the fixed one at that many, and
+    parallel=auto plans its ring as all-gather (the layout of auto's that holds the most)."""
+    plan = PlanConfig(world_size=2)
+    adaptive_cfg = small_config(2, "none", n_layers=1)
+    adaptive_cfg.parallel.adaptive = True
+    with Planner(adaptive_cfg, plan) as adaptive:  # one planner at a time (its fake group)
+        # The fixed layout's 2048 tokens a rank, times 1.25 (a multiple of Ulysses' 2).
+        assert adaptive.measure(4096).tokens_per_gpu == 2560
+    auto_cfg = small_config(1, "none", n_layers=1)
+    auto_cfg.parallel = ParallelConfig(method="auto", ring=2, adaptive=True)
+    with Planner(auto_cfg, plan) as auto:
+        assert auto.cfg.parallel.ring_impl == "allgather"
+        assert auto.measure(4096).tokens_per_gpu == 2560
