@@ -101,3 +101,13 @@ def test_the_run_policy_keeps_the_method_or_chooses_among_three():
     ring4.alternate = ParallelDims(4, ulysses=4)
     assert adaptive_policy(cfg, ring4).methods == [RING4, ULYSSES4, ALLGATHER4]
     assert policy.slack == 0.25 and policy.n_layers == cfg.model.n_layers
+
+
+def test_auto_over_degrees_that_do_not_divide_the_world_is_one_line():
+    from longtrain.config.load import compose_config
+    from longtrain.distributed.parallelize import resolve_degrees
+    from parallel import ParallelDims
+
+    ulysses, ring = resolve_degrees(compose_config(["parallel=auto", "parallel.ring=3"]), 4)
+    with pytest.raises(ValueError, match="world size 4 is not divisible by ulysses x ring = 1 x 3"):
+        ParallelDims(4, ulysses=ulysses, ring=ring)
