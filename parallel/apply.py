@@ -21,8 +21,9 @@ from parallel.usp import usp_attn_varlen_func
 class SPAttention(nn.Module):
     """Drop-in for VarlenAttention under sequence parallelism (Ulysses, ring, or USP).
 
-    forward(q [T_local, Hq, D], k / v [T_local, K, D], meta: SPMeta, causal=True,
-    softmax_scale=None) -> out [T_local, Hq, D].
+    forward(q [T_local, Hq, D], k / v [T_local, K, D], meta: SPMeta (or AdaptiveSPMeta:
+    whole documents first, then the split ones), causal=True, softmax_scale=None)
+    -> out [T_local, Hq, D].
     """
 
     def __init__(
@@ -85,9 +86,10 @@ class SPAttention(nn.Module):
 
 def apply(model: nn.Module, dims: ParallelDims, cfg, stats: CommStats | None = None) -> nn.Module:
     """Replace every VarlenAttention of `model` (in place) by an SPAttention over the groups
-    of `dims` (whose mesh must be built). cfg has `method` (none | ulysses | ring | usp) and
-    `ring_impl` (zigzag | allgather); method none leaves the model alone. All swapped modules
-    share `stats` (a new CommStats when None; read it back as `model.sp_comm_stats`).
+    of `dims` (whose mesh must be built). cfg has `method` (none | ulysses | ring | usp |
+    auto) and `ring_impl` (zigzag | allgather); method none leaves the model alone. All
+    swapped modules share `stats` (a new CommStats when None; read it back as
+    `model.sp_comm_stats`).
     `dims.alternate` (built too, when set) is another layout adaptive placement may split
     documents with over the same ranks (parallel=auto: Ulysses beside the ring).
     Returns the model.
