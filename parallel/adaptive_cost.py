@@ -176,17 +176,17 @@ class AdaptivePolicy:
     threshold: int = 0
     slack: float = 0.25  # a rank may hold up to 1 + slack times the planned layout's tokens
     causal: bool = True
-    _last: dict = field(default_factory=dict, repr=False)
+    _choices: dict = field(default_factory=dict, repr=False)  # lengths -> Choice
 
     def choose(self, lengths: list[int]) -> Choice:
         """The choice for one micro-batch of documents of `lengths` tokens (remembered: the
         step's metrics and the sharding ask for the same micro-batch)."""
         key = tuple(lengths)
-        if key not in self._last:
-            if len(self._last) >= 64:
-                self._last.clear()
-            self._last[key] = self._choose(list(key))
-        return self._last[key]
+        if key not in self._choices:
+            if len(self._choices) >= 64:
+                self._choices.clear()
+            self._choices[key] = self._choose(list(key))
+        return self._choices[key]
 
     def _choose(self, lengths: list[int]) -> Choice:
         planned = self.methods[0]

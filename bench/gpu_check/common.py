@@ -4,6 +4,7 @@ device sync and the max-abs-error comparison."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,14 +22,15 @@ def say(message: str) -> None:
 
 
 class Deadline:
-    """A wall-clock budget: `left()` seconds until a fixed moment (negative once past)."""
+    """A wall-clock budget: `left()` seconds until a fixed moment (negative once past), on
+    `clock` (time.monotonic; tests pass their own)."""
 
-    def __init__(self, seconds: float):
-        self.seconds = seconds
-        self.end = time.monotonic() + seconds
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic):
+        self.seconds, self.clock = seconds, clock
+        self.end = clock() + seconds
 
     def left(self) -> float:
-        return self.end - time.monotonic()
+        return self.end - self.clock()
 
 
 def error_text(err: BaseException) -> str:

@@ -180,13 +180,14 @@ def run_sections(
     total_s: float,
     result: dict,
     out_dir: Path,
+    clock: Callable[[], float] = time.monotonic,
 ) -> dict:
     """Run each section under its budget, catching its error; results into
     result["sections"][name], written out after each one. A section's budget is its own
     (`budgets`) plus whatever the overall `total_s` has left beyond the budgets of the
     sections after it (so time saved early goes to the next section), never more than
-    what is left overall."""
-    overall = Deadline(total_s)
+    what is left overall. `clock`: the budgets' clock (tests pass a frozen one)."""
+    overall = Deadline(total_s, clock)
     names = list(sections)
     for i, (name, fn) in enumerate(sections.items()):
         left = overall.left()
@@ -200,10 +201,10 @@ def run_sections(
         else:
             budget = min(left, max(budgets.get(name, left), left - reserved))
             say(f"{name}: start (budget {budget:.0f} s)")
-            t0 = time.monotonic()
+            t0 = clock()
             result["running"] = {"section": name, "since": time.time(), "budget_s": budget}
             try:
-                entry = fn(Deadline(budget))
+                entry = fn(Deadline(budget, clock))
                 entry["status"] = entry.get("status") or section_status(entry)
                 entry.setdefault("note", status_counts(entry))
             except Exception as err:  # recorded; the next section still runs
@@ -212,7 +213,7 @@ def run_sections(
                     "error": error_text(err),
                     "traceback": traceback.format_exc()[-3000:],
                 }
-            entry.update(seconds=round(time.monotonic() - t0, 1), budget_s=budget)
+            entry.update(seconds=round(clock() - t0, 1), budget_s=budget)
             result.pop("running", None)
         result["sections"][name] = entry
         say(f"{name}: {entry['status']} {entry.get('error', entry.get('note', ''))}")

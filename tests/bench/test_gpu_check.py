@@ -197,13 +197,13 @@ def test_section_budgets_keep_the_later_sections_time_and_pass_savings_on(tmp_pa
 
     sections = {name: record(name) for name in ("pytest", "attention", "tiled")}
     budgets = {"pytest": 10, "attention": 30, "tiled": 20}
-    run_sections(sections, budgets, 100, {"machine": {}, "sections": {}}, tmp_path)
-    # The sections take no time: each gets what is left less what the later ones reserve.
-    # (abs=1: the bookkeeping between sections takes milliseconds of the overall budget.)
+    frozen = lambda: 0.0  # noqa: E731 - the sections take no time on a clock that stands still
+    run_sections(sections, budgets, 100, {"machine": {}, "sections": {}}, tmp_path, frozen)
+    # Each gets what is left less what the later ones reserve.
     assert given["pytest"] == pytest.approx(100 - 30 - 20, abs=1)
     assert given["attention"] == pytest.approx(100 - 20, abs=1)
     assert given["tiled"] == pytest.approx(100, abs=1)
-    run_sections(sections, budgets, 40, {"machine": {}, "sections": {}}, tmp_path)
+    run_sections(sections, budgets, 40, {"machine": {}, "sections": {}}, tmp_path, frozen)
     assert given["pytest"] == 10 and given["attention"] == 30  # their own, less is left over
     assert given["tiled"] == pytest.approx(40, abs=1)  # never more than is left overall
 
