@@ -11,6 +11,11 @@ Per layer and per rank, in seconds (forward and backward together):
     comm      = bytes / bytes_per_s + collectives * latency_s   (the split documents' layout)
     time      = max_r compute_r + comm
 
+plus, on every rank, `SPCostModel.split_overhead` (0 unless calibrated) times T_local_s: the
+work of the split method the formulas leave out (the all-to-all's packing, the ring's merges
+and smaller blocks), per token; the start-up calibration measures it per method as what the
+method took on a probe document beyond the rest of the model's prediction.
+
 pairs_r: the (query, key) pairs rank r attends, L(L+1)/2 per causal document (L^2 full);
 its local documents whole, plus 1/P of every split document (zigzag and Ulysses balance
 them). tokens_r: the tokens it runs through the projections and MLP. The bytes and the
@@ -49,6 +54,13 @@ class SPCostModel:
     token_s: float  # one token through the block's projections and MLP
     bytes_per_s: float  # one rank's link bandwidth
     latency_s: float  # fixed cost of one collective or P2P exchange
+    # (method_key(ring, ulysses, ring_impl), seconds per split token) per calibrated method
+    split_overheads: tuple[tuple[str, float], ...] = ()
+
+    def split_overhead(self, ring: int, ulysses: int, ring_impl: str) -> float:
+        """Seconds per token of a rank's split share that one split layout costs beyond the
+        formulas (0.0 when not calibrated)."""
+        return dict(self.split_overheads).get(method_key(ring, ulysses, ring_impl), 0.0)
 
     @classmethod
     def analytic(
@@ -71,6 +83,15 @@ class SPCostModel:
             bytes_per_s=link_gbps * 1e9,
             latency_s=latency_us * 1e-6,
         )
+
+
+def method_key(ring: int, ulysses: int, ring_impl: str) -> str:
+    """The name of a split layout in `SPCostModel.split_overheads`, e.g. `ring4:zigzag`,
+    `ulysses4`, `ring2:allgather x ulysses2` (ring_impl only matters with a ring)."""
+    parts = ([f"ring{ring}:{ring_impl}"] if ring > 1 else []) + (
+        [f"ulysses{ulysses}"] if ulysses > 1 else []
+    )
+    return " x ".join(parts) or "none"
 
 
 @dataclass(frozen=True)
@@ -117,7 +138,8 @@ def placement_cost(
         if owner >= 0:
             pairs[owner] += _pairs(lengths[d], causal)
             tokens[owner] += lengths[d]
-    compute = max(model.pair_s * p + model.token_s * t for p, t in zip(pairs, tokens))
+    overhead = model.split_overhead(ring, ulysses, ring_impl) * t_split
+    compute = overhead + max(model.pair_s * p + model.token_s * t for p, t in zip(pairs, tokens))
     comm_bytes, calls = 0, 0
     if split:
         c = usp_cost(t_split, shape.n_heads, shape.n_kv_heads, shape.head_dim, ulysses, ring,
@@ -225,5 +247,6 @@ __all__ = [
     "SPCostModel",
     "SplitMethod",
     "candidate_thresholds",
+    "method_key",
     "placement_cost",
 ]

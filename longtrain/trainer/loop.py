@@ -42,7 +42,7 @@ from longtrain.trainer.optimizer import build_optimizer, build_scheduler
 from longtrain.trainer.preemption import PreemptionHandler
 from longtrain.trainer.run_dir import agree_run_dir, check_run_dir, save_resolved_config
 from longtrain.trainer.step import train_step
-from parallel.adaptive_calibrate import calibrate
+from parallel.adaptive_calibrate import calibrate, method_probes
 
 StepCallback = Callable[[int, dict], None]
 
@@ -340,6 +340,7 @@ def _calibrate_placement(policy, cfg: RunConfig, env: DistEnv, dims) -> None:
     policy.model, line = calibrate(
         dims.sp_group, env.device, policy.shape, cfg.model.dim, cfg.model.ffn_dim, policy.model,
         cfg.parallel.calibrate_timeout_s, cfg.model.attn_backend,
+        method_probes(policy.methods, dims), dims.sp_rank,
     )  # fmt: skip
     if env.is_main:
         print(line, flush=True)

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from parallel import AttnShape, ParallelDims, SPCostModel
+from parallel import AttnShape, ParallelDims, SPCostModel, SplitMethod
 from tests.spawn import spawn
 
 pytestmark = pytest.mark.distributed
@@ -23,14 +23,28 @@ def _worker(rank: int, world_size: int) -> dict:
 
     dims = ParallelDims(world_size, ring=world_size)
     dims.build_mesh("cpu")
+    dims.alternate = ParallelDims(world_size, ulysses=world_size)
+    dims.alternate.build_mesh("cpu")
     cpu = torch.device("cpu")
     out = {"ok": cal.calibrate(dims.sp_group, cpu, SHAPE, 32, 64, FALLBACK, 60.0, "torch")}
-    out["late"] = cal.calibrate(dims.sp_group, cpu, SHAPE, 32, 64, FALLBACK, 1e-9, "torch")
-    if rank == 1:  # one rank's probe fails: both must fall back, neither may hang
+    methods = [SplitMethod("ring", 2, 1, "zigzag"), SplitMethod("ulysses", 1, 2),
+               SplitMethod("ring_allgather", 2, 1, "allgather"),
+               SplitMethod("usp", 2, 2)]  # fmt: skip
+    probes = cal.method_probes(methods, dims)
+    out["probed"] = [p.method for p in probes]
+    out["methods"] = cal.calibrate(dims.sp_group, cpu, SHAPE, 32, 64, FALLBACK, 60.0, "torch",
+                                   probes, dims.sp_rank)  # fmt: skip
+    out["late"] = cal.calibrate(dims.sp_group, cpu, SHAPE, 32, 64, FALLBACK, 1e-9, "torch",
+                                probes, dims.sp_rank)  # fmt: skip
 
-        def broken(*args):
-            raise RuntimeError("probe failed")
+    def broken(*args):
+        raise RuntimeError("probe failed")
 
+    if rank == 1:  # one rank's split-method probe fails: both fall back, neither may hang
+        cal._split_step = broken
+    out["broken_split"] = cal.calibrate(dims.sp_group, cpu, SHAPE, 32, 64, FALLBACK, 60.0,
+                                        "torch", probes, dims.sp_rank)  # fmt: skip
+    if rank == 1:  # one rank's local probe fails
         cal._local_measurements = broken
     out["broken"] = cal.calibrate(dims.sp_group, cpu, SHAPE, 32, 64, FALLBACK, 60.0, "torch")
     return out
@@ -43,11 +57,29 @@ def test_calibration_agrees_across_ranks_and_falls_back_in_one_line():
     for value in (model0.pair_s, model0.token_s, model0.bytes_per_s):
         assert math.isfinite(value) and value > 0
     assert model0 != FALLBACK and line0.startswith("sp cost model: calibrated in ")
-    for case, why in (("late", "timed out after"), ("broken", "")):
+    assert model0.split_overheads == ()  # no probes: every method's overhead stays 0
+    # Each method with a grid is measured over its own groups (usp 2 x 2 has none here).
+    assert per_rank[0]["probed"] == [SplitMethod("ring", 2, 1, "zigzag"),
+                                     SplitMethod("ulysses", 1, 2),
+                                     SplitMethod("ring_allgather", 2, 1, "allgather")]  # fmt: skip
+    (with_methods, line), (other_rank, _) = per_rank[0]["methods"], per_rank[1]["methods"]
+    assert with_methods == other_rank
+    overheads = dict(with_methods.split_overheads)
+    assert list(overheads) == ["ring2:zigzag", "ulysses2", "ring2:allgather"]
+    # Seconds per token beyond the formulas: never negative, and far below a millisecond per
+    # token on a 2-rank CPU group (the probe's pairs, about 1e-7 s each, cost about 50 us per
+    # token of a rank's share: a millisecond would be timing something else).
+    assert all(0 <= s < 1e-3 for s in overheads.values()), overheads
+    # pair_s comes from the probe document kept whole: the same order as the short probes'.
+    assert 0.1 < with_methods.pair_s / model0.pair_s < 10
+    assert "split methods cost per token beyond that (1024-token probe): ring2:zigzag " in line
+    assert "\n" not in line
+    for case, why in (("late", "timed out after"), ("broken", ""), ("broken_split", "")):
         for rank, results in enumerate(per_rank):
             model, line = results[case]
             assert model == FALLBACK, (case, rank)
             assert "using the configured values" in line and why in line, line
             assert "\n" not in line
-    assert "RuntimeError: probe failed" in per_rank[1]["broken"][1]
-    assert "on another rank" in per_rank[0]["broken"][1]
+    for case in ("broken", "broken_split"):
+        assert "RuntimeError: probe failed" in per_rank[1][case][1]
+        assert "on another rank" in per_rank[0][case][1]

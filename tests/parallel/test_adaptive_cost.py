@@ -4,11 +4,13 @@ high or a document too long to keep whole. Pure functions: no processes."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from parallel import AdaptivePolicy, AttnShape, Placement, SPCostModel, SplitMethod
-from parallel.adaptive_cost import candidate_thresholds, placement_cost
+from parallel.adaptive_cost import candidate_thresholds, method_key, placement_cost
 
 SHAPE = AttnShape(n_heads=4, n_kv_heads=2, head_dim=8, dtype=torch.float32)
 RING4 = SplitMethod("ring", 4, 1, "zigzag")
@@ -32,6 +34,38 @@ def test_predicted_time_by_hand():
     assert cost.comm_bytes == comm_bytes
     assert cost.seconds == pytest.approx(compute + comm_bytes / 1e9 + 4 * 1e-6, rel=1e-12)
     assert (cost.local_tokens, cost.split_tokens) == (8, 8)
+
+
+def test_a_methods_measured_overhead_is_charged_per_split_token_on_every_rank():
+    lengths, placement = [4, 4, 8], Placement((0, 1, -1), 2)
+    base = placement_cost(lengths, placement, 1, 2, "zigzag", SHAPE, _model(1e9, 1e-6))
+    key = method_key(1, 2, "zigzag")
+    slow = dataclasses.replace(_model(1e9, 1e-6), split_overheads=((key, 1e-3),))
+    cost = placement_cost(lengths, placement, 1, 2, "zigzag", SHAPE, slow)
+    # Each rank holds 4 tokens of the split document: 4 ms more, the rest as before.
+    assert cost.seconds == pytest.approx(base.seconds + 4 * 1e-3, rel=1e-12)
+    # Another layout's overhead leaves this one alone; a placement with nothing split too.
+    other = dataclasses.replace(slow, split_overheads=((method_key(2, 1, "zigzag"), 1e-3),))
+    assert placement_cost(lengths, placement, 1, 2, "zigzag", SHAPE, other) == base
+    whole = Placement((0, 1, 0), 2)
+    assert placement_cost(lengths, whole, 1, 2, "zigzag", SHAPE, slow) == placement_cost(
+        lengths, whole, 1, 2, "zigzag", SHAPE, _model(1e9, 1e-6)
+    )
+
+
+def test_measured_overheads_pick_the_faster_split_method_and_keep_documents_whole():
+    # A free link: the three methods cost the same but for their overheads.
+    overheads = {RING4: 3e-6, ULYSSES4: 2e-6, ALLGATHER4: 0.5e-6}
+    measured = dataclasses.replace(_model(1e30), split_overheads=tuple(
+        (method_key(m.ring, m.ulysses, m.ring_impl), s) for m, s in overheads.items()))  # fmt: skip
+    policy = AdaptivePolicy([RING4, ULYSSES4, ALLGATHER4], SHAPE, measured)
+    assert policy.choose([4096]).method == ALLGATHER4
+    # Balanced short documents: free to split, but no overhead kept whole.
+    assert policy.choose([512] * 8).cost.split_tokens == 0
+    assert AdaptivePolicy([RING4], SHAPE, _model(1e30)).choose([512] * 8).cost.split_tokens > 0
+    assert [method_key(m.ring, m.ulysses, m.ring_impl) for m in overheads] == [
+        "ring4:zigzag", "ulysses4", "ring4:allgather"]  # fmt: skip
+    assert method_key(2, 2, "allgather") == "ring2:allgather x ulysses2"
 
 
 def test_a_slow_link_keeps_short_documents_whole():
