@@ -77,6 +77,38 @@ def corpus_sequences(seq_len: int, count: int, seed: int = 0) -> list[list[int]]
     return out
 
 
+class BlockedClock:
+    """Seconds this rank spends inside the SP module's communication calls (`parallel.comm`'s
+    collectives and RingComm's commit and wait), installed by patching them in this process.
+
+    It counts waiting for a slower peer as communication, so it over-states what removing the
+    communication could save: `1 - comm share` of the best fixed method is a floor for what any
+    placement reaches while computing as fast as that method."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def _timed(self, fn):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - t0
+
+        return timed
+
+    def install(self) -> None:
+        """Patch this process's communication entry points (a bench worker's, nobody else's)."""
+        import parallel.comm as comm
+
+        comm.dist.all_to_all_single = self._timed(comm.dist.all_to_all_single)
+        comm._all_gather_single = self._timed(comm._all_gather_single)
+        comm._reduce_scatter_single = self._timed(comm._reduce_scatter_single)
+        comm.RingComm.commit = self._timed(comm.RingComm.commit)
+        comm.RingComm.wait = self._timed(comm.RingComm.wait)
+
+
 def _policies(P: int, ulysses_ok: bool, cost_model, shape):
     from parallel import AdaptivePolicy, SplitMethod
 
@@ -96,7 +128,7 @@ def _worker(rank: int, world_size: int, mixes: dict, iters: int, warmup: int) ->
     from longtrain.model import build_model
     from parallel import AttnShape, ParallelDims, Placement, SPCostModel, apply
     from parallel.adaptive import shard_packed_adaptive
-    from parallel.adaptive_calibrate import calibrate
+    from parallel.adaptive_calibrate import calibrate, method_probes
 
     torch.set_num_threads(1)
     P = world_size
@@ -114,10 +146,14 @@ def _worker(rank: int, world_size: int, mixes: dict, iters: int, warmup: int) ->
     shape = AttnShape(MODEL["n_heads"], MODEL["n_kv_heads"], head_dim, torch.float32)
     fallback = SPCostModel.analytic(MODEL["n_heads"], MODEL["n_kv_heads"], head_dim,
                                     MODEL["dim"], MODEL["ffn_dim"], 0.02, 1.0, 100.0)  # fmt: skip
-    cost_model, calibration = calibrate(dims.sp_group, torch.device("cpu"), shape, MODEL["dim"],
-                                        MODEL["ffn_dim"], fallback, 60.0, "torch")  # fmt: skip
-    methods, adaptive = _policies(P, ulysses_ok, cost_model, shape)
+    methods, adaptive = _policies(P, ulysses_ok, fallback, shape)
+    adaptive.model, calibration = calibrate(
+        dims.sp_group, torch.device("cpu"), shape, MODEL["dim"], MODEL["ffn_dim"], fallback,
+        60.0, "torch", method_probes(adaptive.methods, dims), dims.sp_rank,
+    )  # fmt: skip
     stats = model.sp_comm_stats
+    clock = BlockedClock()
+    clock.install()  # after calibration, whose probes are not the step's communication
 
     def layouts(name: str, seqs: list[list[int]]):
         out = []
@@ -147,23 +183,29 @@ def _worker(rank: int, world_size: int, mixes: dict, iters: int, warmup: int) ->
         names = [n for n in (*methods, "adaptive")]
         prepared = {n: layouts(n, seqs) for n in names}
         times = {n: [] for n in names}
+        comm_s = {n: [] for n in names}
         sent = {}
         for it in range(warmup + iters):
             for n in names:
                 dist.barrier()
                 stats.reset()
+                clock.seconds = 0.0
                 t0 = time.perf_counter()
                 step(prepared[n])
-                t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-                b = torch.tensor([stats.bytes_sent], dtype=torch.float64)
+                t = torch.tensor([time.perf_counter() - t0, clock.seconds, stats.bytes_sent],
+                                 dtype=torch.float64)  # fmt: skip
                 dist.all_reduce(t, op=dist.ReduceOp.MAX)
-                dist.all_reduce(b, op=dist.ReduceOp.MAX)
                 if it >= warmup:
-                    times[n].append(t.item())
-                sent[n] = int(b.item())
+                    times[n].append(t[0].item())
+                    comm_s[n].append(t[1].item())
+                sent[n] = int(t[2].item())
         chosen = prepared["adaptive"]
         adaptive_methods = sorted({m for _, m, c, _ in chosen if c.split_tokens})
-        results[mix] = {n: {"step_s": statistics.median(times[n]), "bytes": sent[n]} for n in names}
+        results[mix] = {
+            n: {"step_s": statistics.median(times[n]), "comm_s": statistics.median(comm_s[n]),
+                "bytes": sent[n]}
+            for n in names
+        }  # fmt: skip
         results[mix]["adaptive"].update(
             split_methods="+".join(adaptive_methods) or "local",
             local_tokens=sum(c.local_tokens for _, _, c, _ in chosen),
@@ -185,6 +227,7 @@ def _rows(T: int, P: int, res: dict) -> list[dict]:
         for name, r in by_method.items():
             rows.append({
                 "tokens": T, "P": P, "mix": mix, "method": name, "step_s": r["step_s"],
+                "comm_s": r["comm_s"], "comm_share": r["comm_s"] / r["step_s"],
                 "vs_best_fixed": r["step_s"] / best, "bytes": r["bytes"],
                 "bytes_vs_ulysses": r["bytes"] / uly if uly else None,
                 "split_methods": r.get("split_methods", ""),
@@ -194,8 +237,8 @@ def _rows(T: int, P: int, res: dict) -> list[dict]:
 
 
 HEADER = (
-    f"{'T':>7} {'P':>2} {'mix':>7} {'method':>15} {'step s':>8} {'x best':>7} {'bytes':>11} "
-    f"{'x ulysses':>9}  split as"
+    f"{'T':>7} {'P':>2} {'mix':>7} {'method':>15} {'step s':>8} {'comm':>6} {'x best':>7} "
+    f"{'bytes':>11} {'x ulysses':>9}  split as"
 )
 
 
@@ -203,6 +246,7 @@ def _line(r: dict) -> str:
     xu = "" if r["bytes_vs_ulysses"] is None else f"{r['bytes_vs_ulysses']:.2f}"
     return (
         f"{r['tokens']:>7} {r['P']:>2} {r['mix']:>7} {r['method']:>15} {r['step_s']:>8.3f} "
+        f"{r['comm_share']:>6.1%} "
         f"{r['vs_best_fixed']:>7.2f} {r['bytes']:>11} {xu:>9}  {r['split_methods']}"
     )
 
@@ -242,6 +286,22 @@ def goals(rows: list[dict]) -> list[dict]:
     return out
 
 
+def communication_floors(rows: list[dict]) -> list[dict]:
+    """Per T, P and mix: the best fixed method's share of its step spent communicating, and the
+    step-time ratio a placement would reach that removed all of that communication and computed
+    as fast as that method (`1 - share`): how much adaptive placement can win on this machine."""
+    out = []
+    for key in sorted({(r["tokens"], r["P"], r["mix"]) for r in rows}):
+        fixed = [r for r in rows if (r["tokens"], r["P"], r["mix"]) == key and r["method"] in FIXED]
+        if not fixed:
+            continue
+        best = min(fixed, key=lambda r: r["step_s"])
+        share = best["comm_share"]
+        out.append({"tokens": key[0], "P": key[1], "mix": key[2], "best_fixed": best["method"],
+                    "comm_share": share, "floor": 1.0 - share})  # fmt: skip
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from tests.spawn import spawn
 
@@ -266,6 +326,11 @@ def main(argv: list[str] | None = None) -> int:
             for r in new_rows:  # as each size ends: a long run still tells what it measured
                 print(_line(r), flush=True)
             rows += new_rows
+    floors = communication_floors(rows)
+    for f in floors:
+        print(f"T={f['tokens']} P={f['P']} {f['mix']}: the best fixed ({f['best_fixed']}) spends "
+              f"{f['comm_share']:.1%} of its step communicating; removing all of it reaches "
+              f"{f['floor']:.3f}x at best")  # fmt: skip
     result_goals = goals(rows)
     for g in result_goals:
         print(f"goal: {g['goal']}: {g['value']} -> {g['pass']}")
@@ -273,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
                     "backend": "gloo", "threads_per_process": 1},
         "model": MODEL, "rows": rows, "goals": result_goals, "calibration": calibrations,
+        "communication_floors": floors,
     })  # fmt: skip
     return 0
 

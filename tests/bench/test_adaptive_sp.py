@@ -1,7 +1,7 @@
 """bench/adaptive_sp.py's pieces that decide what it reports: the corpus mix and the goals
 (the benchmark itself runs by hand: `python -m bench.adaptive_sp`)."""
 
-from bench.adaptive_sp import corpus_sequences, goals
+from bench.adaptive_sp import communication_floors, corpus_sequences, goals
 
 
 def test_corpus_sequences_fill_the_length_and_are_seeded():
@@ -25,3 +25,16 @@ def test_goals_judge_the_64k_corpus_row_and_every_mix():
     rows[0].update(vs_best_fixed=0.8, bytes_vs_ulysses=0.6)
     assert [g["pass"] for g in goals(rows)] == [False, False, False]
     assert goals(rows[1:])[0]["pass"] is None  # the 64K P=4 corpus row was not run
+
+
+def test_communication_floor_is_the_best_fixed_methods_compute_share():
+    rows = [
+        {"tokens": 4096, "P": 2, "mix": "corpus", "method": "ring", "step_s": 2.0,
+         "comm_share": 0.25},
+        {"tokens": 4096, "P": 2, "mix": "corpus", "method": "ulysses", "step_s": 3.0,
+         "comm_share": 0.5},
+        {"tokens": 4096, "P": 2, "mix": "corpus", "method": "adaptive", "step_s": 1.0,
+         "comm_share": 0.0},  # not a fixed method: never the reference
+    ]  # fmt: skip
+    (floor,) = communication_floors(rows)
+    assert (floor["best_fixed"], floor["comm_share"], floor["floor"]) == ("ring", 0.25, 0.75)
